@@ -1,0 +1,32 @@
+"""Flow-matching Euler schedule of HunyuanImage-3.0 (SD3 shift 3.0).
+
+sigmas = linspace(1, 0, N+1), shifted s -> shift*s / (1 + (shift-1)*s); timesteps = sigma * 1000;
+x_next = x + v * (sigma_next - sigma). diffusers' FlowMatchEulerDiscreteScheduler reproduces this only when
+given the unshifted sigmas explicitly; its plain set_timesteps(N) spaces them differently.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+
+def flow_match_sigmas(num_inference_steps: int, shift: float = 3.0) -> torch.Tensor:
+    """[N+1] fp32 shifted sigmas, from 1 down to 0 (the last entry is the final, clean sigma 0)."""
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    sigmas = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
+    return (shift * sigmas / (1 + (shift - 1) * sigmas)).float()
+
+
+def make_scheduler(
+    num_inference_steps: int, shift: float = 3.0, device: torch.device | str | None = None
+) -> tuple[FlowMatchEulerDiscreteScheduler, torch.Tensor]:
+    """(scheduler ready to step, timesteps [N] = shifted sigma * 1000)."""
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    unshifted = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+    scheduler.set_timesteps(sigmas=unshifted, device=device)
+    return scheduler, scheduler.timesteps
