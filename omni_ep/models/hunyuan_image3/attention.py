@@ -1,0 +1,154 @@
+"""Self-attention of HunyuanImage-3.0: GQA with qkv rows grouped per KV head, RoPE then QK-norm in fp32.
+
+Shape legend: B batch, S query tokens, S_kv key tokens (cached text prefix + S), H hidden size,
+N query heads on this rank, G = N / N_kv query heads per KV head, N_kv KV heads on this rank, D head dim.
+
+Tensor parallel: ``qkv_proj`` is column-parallel. Its rows are grouped per KV head
+([q_Gg .. q_Gg+G-1, k_g, v_g] x N_kv_total), so a contiguous 1/TP row chunk is a set of whole KV-head
+groups whenever N_kv_total % TP == 0. ``o_proj`` is row-parallel and all-reduces over the TP group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni_ep.distributed import get_tp_group
+from omni_ep.layers.linear import ColumnParallelLinear, RowParallelLinear
+from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
+from omni_ep.models.hunyuan_image3.rope import apply_rotary_emb
+
+
+class HunyuanImage3RMSNorm(nn.Module):
+    """x [..., C] -> [..., C]: normalised in fp32, cast back to x's dtype, times weight [C]."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class HunyuanImage3KVCache:
+    """The text prefix's K/V of every layer, kept from the first denoising step.
+
+    The prefix is every token before ``<timestep>``. Text never attends to the image, so its K/V do not
+    change across steps; later steps run only ``[<timestep>, image tokens]`` and prepend the cached keys.
+    Stored per layer after RoPE and QK-norm, before the GQA repeat: k, v [B, N_kv, L, D].
+    """
+
+    def __init__(self):
+        self.prefix_len: int | None = None
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    @property
+    def is_filled(self) -> bool:
+        return self.prefix_len is not None
+
+    def reset(self) -> None:
+        self.prefix_len = None
+        self.keys.clear()
+        self.values.clear()
+
+    def begin_fill(self, prefix_len: int) -> None:
+        """Start recording: the next forward runs the whole sequence and stores its first prefix_len K/V."""
+        self.reset()
+        self.prefix_len = prefix_len
+
+    def store_or_extend(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Filling: keep k, v [B, N_kv, :prefix_len, D] and return them unchanged.
+        Filled: return cat(cached, k), cat(cached, v) [B, N_kv, prefix_len + S, D]."""
+        if self.prefix_len is None:
+            raise RuntimeError("call begin_fill(prefix_len) before the first forward that uses this cache")
+        if layer_idx not in self.keys:
+            self.keys[layer_idx] = k[:, :, : self.prefix_len].contiguous()
+            self.values[layer_idx] = v[:, :, : self.prefix_len].contiguous()
+            return k, v
+        cached_k, cached_v = self.keys[layer_idx], self.values[layer_idx]
+        if cached_k.shape[0] != k.shape[0]:
+            raise ValueError(
+                f"the KV cache holds a batch of {cached_k.shape[0]} rows but this step has {k.shape[0]}; "
+                "call reset() when the batch changes"
+            )
+        return torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
+
+
+class HunyuanImage3Attention(nn.Module):
+    """hidden_states [B, S, H] -> [B, S, H] (all-reduced over TP)."""
+
+    def __init__(
+        self, config: HunyuanImage3Config, layer_idx: int, params_dtype: torch.dtype | None = None, prefix: str = ""
+    ):
+        super().__init__()
+        tp_size = get_tp_group().world_size
+        if config.num_key_value_heads % tp_size:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} must divide num_key_value_heads={config.num_key_value_heads} "
+                "(each rank holds whole KV-head groups of qkv_proj); pick a TP size that divides it"
+            )
+        self.layer_idx = layer_idx
+        self.head_dim = config.attention_head_dim
+        self.num_heads = config.num_attention_heads // tp_size
+        self.num_kv_heads = config.num_key_value_heads // tp_size
+        self.group_size = config.num_attention_heads // config.num_key_value_heads
+
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size,
+            config.qkv_rows,
+            bias=config.attention_bias,
+            gather_output=False,
+            params_dtype=params_dtype,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            bias=config.attention_bias,
+            input_is_parallel=True,
+            reduce_results=True,
+            params_dtype=params_dtype,
+            prefix=f"{prefix}.o_proj",
+        )
+        if not config.use_qk_norm:
+            raise ValueError("use_qk_norm=false is not implemented (HunyuanImage-3.0 uses QK-norm)")
+        self.query_layernorm = HunyuanImage3RMSNorm(self.head_dim, config.rms_norm_eps, params_dtype)
+        self.key_layernorm = HunyuanImage3RMSNorm(self.head_dim, config.rms_norm_eps, params_dtype)
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [B, S, N_kv * (G + 2) * D] -> q [B, N, S, D], k, v [B, N_kv, S, D] (grouped per KV head)."""
+        B, S, _ = qkv.shape
+        qkv = qkv.view(B, S, self.num_kv_heads, self.group_size + 2, self.head_dim)
+        q, k, v = qkv.split([self.group_size, 1, 1], dim=3)
+        q = q.reshape(B, S, self.num_heads, self.head_dim)
+        return q.transpose(1, 2), k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, S, H]
+        cos: torch.Tensor,  # [S, D] fp32
+        sin: torch.Tensor,  # [S, D] fp32
+        attention_mask: torch.Tensor,  # bool [S, S_kv], True = attend
+        kv_cache: HunyuanImage3KVCache | None = None,
+    ) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        qkv, _ = self.qkv_proj(hidden_states)
+        q_BNSD, k_BKSD, v_BKSD = self.split_qkv(qkv)
+        # RoPE in fp32, THEN the per-head RMSNorm (still fp32), then back to the model dtype.
+        q_BNSD = self.query_layernorm(apply_rotary_emb(q_BNSD, cos, sin)).to(dtype)
+        k_BKSD = self.key_layernorm(apply_rotary_emb(k_BKSD, cos, sin)).to(dtype)
+        if kv_cache is not None:
+            k_BKSD, v_BKSD = kv_cache.store_or_extend(self.layer_idx, k_BKSD, v_BKSD)
+        k_BNSD = k_BKSD.repeat_interleave(self.group_size, dim=1)
+        v_BNSD = v_BKSD.repeat_interleave(self.group_size, dim=1)
+        out_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSD, attn_mask=attention_mask)
+        B, N, S, D = out_BNSD.shape
+        out, _ = self.o_proj(out_BNSD.transpose(1, 2).reshape(B, S, N * D))
+        return out

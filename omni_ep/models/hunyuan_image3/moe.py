@@ -1,0 +1,115 @@
+"""The MoE block of HunyuanImage-3.0: fp32 router, routed experts (expert- or tensor-parallel), shared MLP.
+
+Shape legend: T tokens, H hidden size, E experts, I intermediate size.
+
+    shared = down(up(x) * silu(gate(x)))              # always on; gate_and_up_proj stored [up; gate]
+    logits = x.float() @ wg.T                          # fp32 router, replicated on every rank
+    w, idx = topk(softmax(logits)), renormalised       # inside FusedMoE
+    out    = shared + sum_k w_k * Expert_{idx_k}(x)
+
+The routed output of FusedMoE is TP-partial (reduce_results=False). The shared MLP is replicated and
+added on TP rank 0 only, so ONE TP all-reduce completes both terms.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni_ep.layers.linear import ReplicatedLinear
+from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
+from omni_ep import platforms
+from omni_ep.utils import resolve_obj_by_qualname
+
+FUSED_MOE_OP = "hunyuan_fused_moe"
+
+
+def HunyuanFusedMoE(**kwargs) -> nn.Module:
+    """Build the routed experts with the implementation the current platform names for this op.
+
+    ``prepare_diffusion_op_runtime`` readies the op on this platform (its EP runtime) before the
+    class is resolved from ``get_diffusion_model_impl_qualname`` and built with ``kwargs``
+    (FusedMoE's arguments).
+    """
+    platform = platforms.current_omni_platform  # resolved now, not at import time
+    platform.prepare_diffusion_op_runtime(FUSED_MOE_OP)
+    impl = resolve_obj_by_qualname(platform.get_diffusion_model_impl_qualname(FUSED_MOE_OP))
+    return impl(**kwargs)
+
+
+class HunyuanImage3Router(nn.Module):
+    """x [T, H] -> router logits [T, E] fp32. Checkpoint key ``gate.wg.weight`` [E, H], held in fp32."""
+
+    def __init__(self, hidden_size: int, num_experts: int, prefix: str = ""):
+        super().__init__()
+        self.wg = ReplicatedLinear(
+            hidden_size, num_experts, bias=False, params_dtype=torch.float32, prefix=f"{prefix}.wg"
+        )
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        logits_TE, _ = self.wg(x_TH.float())
+        return logits_TE
+
+
+class HunyuanImage3SharedMLP(nn.Module):
+    """x [T, H] -> [T, H]: SwiGLU with the fused [up; gate] projection (activation on the SECOND half)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = False,
+        params_dtype: torch.dtype | None = None,
+        prefix: str = "",
+    ):
+        super().__init__()
+        self.gate_and_up_proj = ReplicatedLinear(
+            hidden_size, 2 * intermediate_size, bias=bias, params_dtype=params_dtype, prefix=f"{prefix}.gate_and_up_proj"
+        )
+        self.down_proj = ReplicatedLinear(
+            intermediate_size, hidden_size, bias=bias, params_dtype=params_dtype, prefix=f"{prefix}.down_proj"
+        )
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        up_gate, _ = self.gate_and_up_proj(x_TH)
+        up_TI, gate_TI = up_gate.chunk(2, dim=-1)
+        out_TH, _ = self.down_proj(up_TI * F.silu(gate_TI))
+        return out_TH
+
+
+class HunyuanImage3MoE(nn.Module):
+    """hidden_states [..., H] -> [..., H]: shared MLP + routed experts, complete (TP-reduced)."""
+
+    def __init__(
+        self, config: HunyuanImage3Config, layer_idx: int, params_dtype: torch.dtype | None = None, prefix: str = ""
+    ):
+        super().__init__()
+        self.gate = HunyuanImage3Router(config.hidden_size, config.num_experts, prefix=f"{prefix}.gate")
+        self.experts = HunyuanFusedMoE(
+            num_experts=config.num_experts,
+            top_k=config.moe_topk_at(layer_idx),
+            hidden_size=config.hidden_size,
+            intermediate_size=config.moe_intermediate_size_at(layer_idx),
+            renormalize=config.norm_topk_prob,
+            params_dtype=params_dtype,
+            reduce_results=False,
+            prefix=f"{prefix}.experts",
+        )
+        self.shared_mlp = HunyuanImage3SharedMLP(
+            config.hidden_size,
+            config.shared_mlp_intermediate_size_at(layer_idx),
+            bias=config.mlp_bias,
+            params_dtype=params_dtype,
+            prefix=f"{prefix}.shared_mlp",
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x_TH = hidden_states.reshape(-1, shape[-1])
+        router_logits_TE = self.gate(x_TH)
+        out_TH = self.experts(x_TH, router_logits_TE)  # TP-partial when TP > 1
+        if self.experts.tp_rank == 0:
+            out_TH = out_TH + self.shared_mlp(x_TH)
+        out_TH = self.experts.maybe_all_reduce_tensor_model_parallel(out_TH)
+        return out_TH.reshape(shape)
