@@ -51,6 +51,9 @@ class TorchExperts(LocalExperts):
         # Host sync: grouped matmuls need the per-expert row counts on the host.
         counts = torch.bincount(key_P, minlength=E + 1)[:E].tolist()
         num_pairs = sum(counts)
+        out_MH = torch.zeros(M, x_MH.shape[1], dtype=torch.float32, device=x_MH.device)
+        if num_pairs == 0:
+            return out_MH.to(x_MH.dtype)
         order_P = order_P[:num_pairs]
         token_P = order_P // K
         gate_up_P2I = grouped_linear(x_MH[token_P], w13, counts)
@@ -58,6 +61,5 @@ class TorchExperts(LocalExperts):
         h_PI = F.silu(gate) * up
         y_PH = grouped_linear(h_PI, w2, counts).float()
         y_PH *= topk_weights.reshape(-1)[order_P].float().unsqueeze(1)
-        out_MH = torch.zeros(M, x_MH.shape[1], dtype=torch.float32, device=x_MH.device)
         out_MH.index_add_(0, token_P, y_PH)
         return out_MH.to(x_MH.dtype)

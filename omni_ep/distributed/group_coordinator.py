@@ -1,0 +1,87 @@
+"""One process group seen from one rank: its rank, size, members, and the collectives the model uses.
+
+A group of size 1 holds no torch process group; its collectives return their input unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# torch >= 2.13 renamed the tensor-in/tensor-out collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass(frozen=True)
+class GroupCoordinator:
+    name: str
+    rank: int  # rank of this process inside the group
+    ranks: tuple[int, ...]  # global ranks of the members, in group-rank order
+    group: dist.ProcessGroup | None
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def is_first_rank(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the group, in place when possible; returns the summed tensor."""
+        if self.world_size == 1:
+            return x
+        x = x.contiguous()
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Concatenate equal-shaped tensors of every member along ``dim``."""
+        if self.world_size == 1:
+            return x
+        x = x.movedim(dim, 0).contiguous()
+        out = x.new_empty((self.world_size * x.shape[0],) + tuple(x.shape[1:]))
+        _all_gather_single(out, x, group=self.group)
+        return out.movedim(0, dim)
+
+    def all_gather_object(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the group, then keep this rank's equal chunk of dim 0."""
+        if self.world_size == 1:
+            return x
+        x = x.contiguous()
+        out = x.new_empty((x.shape[0] // self.world_size,) + tuple(x.shape[1:]))
+        _reduce_scatter_single(out, x, group=self.group)
+        return out
+
+    def all_to_all_single(
+        self, x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int]
+    ) -> torch.Tensor:
+        """Send rows input_split_sizes[r] to rank r; receive output_split_sizes[r] rows from rank r."""
+        if self.world_size == 1:
+            return x
+        out = x.new_empty((sum(output_split_sizes),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(
+            out, x.contiguous(), output_split_sizes, input_split_sizes, group=self.group
+        )
+        return out
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Broadcast from group rank ``src``."""
+        if self.world_size == 1:
+            return x
+        dist.broadcast(x, src=self.ranks[src], group=self.group)
+        return x
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)

@@ -1,0 +1,75 @@
+"""The communication side of the MoE seam: dispatch tokens to the ranks holding their experts, combine back.
+
+Shape legend: T tokens on this rank, M tokens received for the local experts, K top-k slots, H hidden.
+
+    dispatched = dispatcher.dispatch(x_TH, topk_ids_TK, topk_weights_TK)      # global ids in
+    y_MH = experts.apply(dispatched.hidden_states, dispatched.topk_ids, ...)  # local ids (-1 elsewhere)
+    out_TH = dispatcher.combine(y_MH, dispatched.metadata)
+
+Dispatch returns its metadata; combine consumes it. No state is kept on the dispatcher between the two.
+Every rank enters every collective of both calls, also with zero tokens.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from omni_ep.distributed.group_coordinator import GroupCoordinator
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    hidden_states: torch.Tensor  # [M, H]
+    topk_ids: torch.Tensor  # [M, K] local expert id, -1 where the expert is on another rank
+    topk_weights: torch.Tensor  # [M, K] fp32
+    metadata: Any  # what combine needs; backend specific
+
+
+def to_local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
+    """Global ids (or -1 padding) -> local ids, -1 where not local. [*, K] -> [*, K] int64.
+    ``expert_map`` must be on the device of ``topk_ids``."""
+    local = expert_map.long()[topk_ids.clamp(min=0)]
+    return torch.where(topk_ids >= 0, local, -1)
+
+
+class Dispatcher(ABC):
+    """Moves tokens between the ranks of one expert-parallel group."""
+
+    name: str = ""
+
+    def __init__(self, ep_group: GroupCoordinator, expert_map: torch.Tensor, expert_owner: torch.Tensor):
+        self.ep_group = ep_group
+        self._tables = {torch.device("cpu"): (expert_map, expert_owner)}
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert_map int32 [E]: global -> local id or -1, expert_owner int64 [E]: global -> EP rank) on
+        ``device``, copied there once."""
+        if device not in self._tables:
+            cpu_map, cpu_owner = self._tables[torch.device("cpu")]
+            self._tables[device] = (cpu_map.to(device), cpu_owner.to(device))
+        return self._tables[device]
+
+    @abstractmethod
+    def dispatch(
+        self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> DispatchResult: ...
+
+    @abstractmethod
+    def combine(self, expert_output: torch.Tensor, metadata: Any) -> torch.Tensor: ...
+
+
+class LocalDispatcher(Dispatcher):
+    """Expert parallel size 1: every expert is local, nothing moves."""
+
+    name = "local"
+
+    def dispatch(self, hidden_states, topk_ids, topk_weights):
+        expert_map, _ = self.tables(topk_ids.device)
+        return DispatchResult(hidden_states, to_local_ids(topk_ids, expert_map), topk_weights, None)
+
+    def combine(self, expert_output, metadata):
+        return expert_output

@@ -1,0 +1,105 @@
+"""Local-expert compute in Triton: align pairs to blocks, gate_up GEMM + SwiGLU, down GEMM + weight +
+un-permute, top-k sum. No host sync anywhere: safe for CUDA graphs and overlapped communication.
+
+Shape legend: M tokens, K top-k slots, P = M*K pairs, H hidden, I intermediate, E local experts,
+R padded expert-sorted rows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from omni_ep.layers.fused_moe.experts.base import LocalExperts
+from omni_ep.layers.fused_moe.experts.triton_configs import moe_config
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fit_fp32(config: dict) -> dict:
+    """fp32 tiles take twice the shared memory of bf16 ones: shorten K blocks and the pipeline."""
+    fit = {"BLOCK_M": config["BLOCK_M"]}
+    for gemm in ("gate_up", "down"):
+        c = dict(config[gemm])
+        c["BLOCK_K"] = min(c["BLOCK_K"], 32)
+        c["num_stages"] = min(c["num_stages"], 3)
+        fit[gemm] = c
+    return fit
+
+
+class TritonExperts(LocalExperts):
+    """Fused-MoE local experts in Triton; tile sizes from the tuned JSON files (see triton_configs.py).
+
+    config: a fixed tile configuration (the tuner and tests use it); None picks one per call by device
+    name, E, I and M from config_dir (default: the package's configs/).
+    """
+
+    name = "triton"
+
+    def __init__(self, config: dict | None = None, config_dir: Path | None = None):
+        self.config = config
+        self.config_dir = config_dir
+
+    @classmethod
+    def unsupported_reason(cls, device: torch.device, dtype: torch.dtype) -> str | None:
+        device = torch.device(device)
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed; install triton or use the 'torch' experts."
+        if dtype not in _DTYPES:
+            return f"the Triton experts take bf16, fp16 or fp32 activations, not {dtype}."
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and _interpreting():
+            return None
+        if device.type == "cpu":
+            return "the Triton experts run on CPU only under TRITON_INTERPRET=1 (set before importing triton)."
+        return f"the Triton experts run on CUDA devices, not {device.type}."
+
+    def _num_programs(self, device: torch.device) -> int:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).multi_processor_count
+        return 4  # the interpreter runs programs one after another: a few suffice
+
+    def apply(self, hidden_states, topk_ids, topk_weights, w13, w2):
+        from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks
+        from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import down_unpermute
+        from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gate_up_swiglu
+        from omni_ep.layers.fused_moe.experts.triton_kernels.topk_sum import topk_sum
+
+        x_MH = hidden_states
+        reason = self.unsupported_reason(x_MH.device, x_MH.dtype)
+        if reason is not None:
+            raise ValueError(f"TritonExperts: {reason}")
+        M, H = x_MH.shape
+        E, two_I, H_w = w13.shape
+        I = two_I // 2
+        if H_w != H or w2.shape != (E, H, I) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != M:
+            raise ValueError(
+                f"TritonExperts: shapes do not agree: hidden_states {tuple(x_MH.shape)}, topk_ids "
+                f"{tuple(topk_ids.shape)}, topk_weights {tuple(topk_weights.shape)}, w13 {tuple(w13.shape)} "
+                f"(want [E, 2I, H]), w2 {tuple(w2.shape)} (want [E, H, I])."
+            )
+        if w13.dtype != x_MH.dtype or w2.dtype != x_MH.dtype:
+            raise ValueError(
+                f"TritonExperts: weights ({w13.dtype}, {w2.dtype}) must have the activations' dtype {x_MH.dtype}."
+            )
+        x_MH, w13, w2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_MH, w13, w2))
+        config = self.config
+        if config is None:
+            name = torch.cuda.get_device_name(x_MH.device) if x_MH.device.type == "cuda" else "cpu"
+            config = moe_config(E, I, M, name, self.config_dir)
+        if x_MH.dtype == torch.float32 and x_MH.device.type == "cuda":
+            config = _fit_fp32(config)
+        K = topk_ids.shape[1]
+        programs = self._num_programs(x_MH.device)
+        align = align_pairs_to_blocks(topk_ids, E, config["BLOCK_M"])
+        h_RI = gate_up_swiglu(x_MH, w13, align, K, config["gate_up"], programs)
+        y_PH = down_unpermute(h_RI, w2, topk_weights, align, config["down"], programs)
+        return topk_sum(y_PH, topk_ids, E)

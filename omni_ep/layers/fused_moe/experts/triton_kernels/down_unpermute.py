@@ -1,0 +1,83 @@
+"""GEMM 2 of the local experts: down projection, times the routing weight, written back to the pair's slot.
+
+y[p, :] = w[p] * (h[r] @ w2[e].T) for row r holding pair p = m*K + k: the un-permute is the store address,
+so no sorted copy of the output is kept. Rows of pairs that are not local are never written.
+
+Shape legend: M tokens, K top-k slots, P = M*K pairs, H hidden, I intermediate, E local experts,
+R padded sorted rows (see align.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
+from omni_ep.layers.fused_moe.experts.triton_kernels.tile_order import grouped_tile
+
+
+@triton.jit
+def _down_unpermute_kernel(
+    h_ptr, w2_ptr, y_ptr, topk_weights_ptr,
+    sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
+    num_pairs, H, I,
+    stride_hm, stride_we, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    num_m_blocks = tl.load(num_padded_ptr) // BLOCK_M
+    num_n_blocks = tl.cdiv(H, BLOCK_N)
+    for tile in range(tl.program_id(0), num_m_blocks * num_n_blocks, tl.num_programs(0)):
+        m_block, n_block = grouped_tile(tile, num_m_blocks, num_n_blocks, GROUP_M)
+        expert = tl.load(block_expert_ptr + m_block).to(tl.int64)
+        rows = (m_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_cols = cols % H
+        ks = tl.arange(0, BLOCK_K)
+        h_ptrs = h_ptr + rows[:, None] * stride_hm + ks[None, :]
+        w_ptrs = w2_ptr + expert * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(I, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(h_ptrs)
+                b = tl.load(w_ptrs)
+            else:
+                k_ok = ks < I - k * BLOCK_K
+                a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            h_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        pair = tl.load(sorted_pair_ptr + rows)
+        is_pair = pair < num_pairs
+        weight = tl.load(topk_weights_ptr + pair, mask=is_pair, other=0.0).to(tl.float32)
+        y = acc * weight[:, None]
+        y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + cols[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=is_pair[:, None] & (cols[None, :] < H))
+
+
+def down_unpermute(
+    h_RI: torch.Tensor, w2_EHI: torch.Tensor, topk_weights_MK: torch.Tensor, align: BlockAlignment,
+    config: dict, num_programs: int,
+) -> torch.Tensor:
+    """h [R, I] sorted rows, w2 [E, H, I], topk_weights [M, K] -> y [P, H], row m*K+k for slot k of token m.
+
+    Rows of slots whose expert is not local are left unwritten (uninitialised): read them through the ids.
+    """
+    I = h_RI.shape[1]
+    H = w2_EHI.shape[1]
+    weights_P = topk_weights_MK.reshape(-1)
+    if not weights_P.is_contiguous():
+        weights_P = weights_P.contiguous()
+    y_PH = torch.empty(align.num_pairs, H, dtype=h_RI.dtype, device=h_RI.device)
+    _down_unpermute_kernel[(num_programs,)](
+        h_RI, w2_EHI, y_PH, weights_P,
+        align.sorted_pair_R, align.block_expert_B, align.num_padded_rows,
+        align.num_pairs, H, I,
+        h_RI.stride(0), w2_EHI.stride(0), w2_EHI.stride(1), y_PH.stride(0),
+        BLOCK_M=align.block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
+        EVEN_K=I % config["BLOCK_K"] == 0, DOT_PRECISION="ieee" if h_RI.dtype == torch.float32 else "tf32",
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return y_PH

@@ -1,0 +1,142 @@
+"""An independent, straightforward HunyuanImage-3.0 forward for tests, written from the reference page only.
+
+Reads the checkpoint tensors by name and computes everything with plain loops (per head, per token, per
+expert); it shares no code with omni_ep. Shape legend: B batch, S tokens, D hidden, h x w latent grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+def load_checkpoint_tensors(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, every tensor as fp32) of a checkpoint folder."""
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        files = set(json.load(f)["weight_map"].values())
+    tensors = {}
+    for file in sorted(files):
+        tensors.update({k: v.float() for k, v in load_file(os.path.join(path, file)).items()})
+    return config, tensors
+
+
+def per_layer(value, i):
+    return value if isinstance(value, int) else value[i]
+
+
+def rms_norm(x, weight, eps):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def swiglu_up_gate(x, w_gate_and_up, w_down):
+    """[up; gate] layout: the activation is on the SECOND half."""
+    up, gate = (x @ w_gate_and_up.T).chunk(2, dim=-1)
+    return (up * F.silu(gate)) @ w_down.T
+
+
+def moe_dense(x_TD, W, prefix, config, layer):
+    """Per token, per chosen expert; fp32 router: softmax over all experts, top-k, renormalise; + shared."""
+    E, k = config["num_experts"], per_layer(config["moe_topk"], layer)
+    out = swiglu_up_gate(x_TD, W[f"{prefix}.shared_mlp.gate_and_up_proj.weight"], W[f"{prefix}.shared_mlp.down_proj.weight"])
+    probs = torch.softmax(x_TD.double() @ W[f"{prefix}.gate.wg.weight"].double().T, dim=-1)
+    for t in range(x_TD.shape[0]):
+        order = sorted(range(E), key=lambda e: -probs[t, e].item())[:k]
+        total = sum(probs[t, e].item() for e in order)
+        for e in order:
+            y = swiglu_up_gate(
+                x_TD[t], W[f"{prefix}.experts.{e}.gate_and_up_proj.weight"], W[f"{prefix}.experts.{e}.down_proj.weight"]
+            )
+            out[t] += (probs[t, e].item() / total) * y
+    return out
+
+
+def timestep_embed(t, W, prefix):
+    freqs = [math.exp(-math.log(10000.0) * i / 128) for i in range(128)]
+    args = torch.tensor([[float(tb) * f for f in freqs] for tb in t])
+    sinus = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    h = F.gelu(sinus @ W[f"{prefix}.mlp.0.weight"].T + W[f"{prefix}.mlp.0.bias"])
+    return h @ W[f"{prefix}.mlp.2.weight"].T + W[f"{prefix}.mlp.2.bias"]
+
+
+def resblock(x, emb, W, p):
+    def gn(v, name):
+        return F.group_norm(v, 32, W[f"{name}.weight"], W[f"{name}.bias"], eps=1e-5)
+
+    h = F.conv2d(F.silu(gn(x, f"{p}.in_layers.0")), W[f"{p}.in_layers.2.weight"], W[f"{p}.in_layers.2.bias"], padding=1)
+    scale, shift = (F.silu(emb) @ W[f"{p}.emb_layers.1.weight"].T + W[f"{p}.emb_layers.1.bias"]).chunk(2, dim=-1)
+    h = gn(h, f"{p}.out_layers.0") * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    h = F.conv2d(F.silu(h), W[f"{p}.out_layers.3.weight"], W[f"{p}.out_layers.3.bias"], padding=1)
+    skip = x
+    if f"{p}.skip_connection.weight" in W:
+        skip = F.conv2d(x, W[f"{p}.skip_connection.weight"], W[f"{p}.skip_connection.bias"])
+    return skip + h
+
+
+def positions(seq_len, image_start, h, w):
+    ys, xs = list(range(seq_len)), list(range(seq_len))
+    for r in range(h):
+        for c in range(w):
+            s = image_start + r * w + c
+            ys[s] = int(image_start + (h * w - h) / 2 + r)
+            xs[s] = int(image_start + (h * w - w) / 2 + c)
+    return ys, xs
+
+
+def rope(x_SD, ys, xs, theta):
+    """x [S, Dh] for one head -> rotated, 2-D: even frequency index uses y, odd uses x."""
+    Dh = x_SD.shape[-1]
+    out = torch.empty_like(x_SD)
+    for s in range(x_SD.shape[0]):
+        ang = [(ys[s] if j % 2 == 0 else xs[s]) * theta ** (-2 * j / Dh) for j in range(Dh // 2)]
+        ang = torch.tensor(ang + ang, dtype=torch.float64)
+        v = x_SD[s].double()
+        rot = torch.cat([-v[Dh // 2 :], v[: Dh // 2]])
+        out[s] = (v * torch.cos(ang) + rot * torch.sin(ang)).float()
+    return out
+
+
+def reference_velocity(config, W, input_ids, latents, timestep, image_slice, timestep_index):
+    """velocity [B, C, h, w] of the full sequence, as the reference page describes."""
+    B, C, h, w = latents.shape
+    S = input_ids.shape[1]
+    D, nh, nkv, Dh = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"], config["attention_head_dim"]
+    g, eps = nh // nkv, config["rms_norm_eps"]
+    x = W["model.wte.weight"][input_ids].clone()
+    x[:, timestep_index] = timestep_embed(timestep, W, "timestep_emb")
+    emb = timestep_embed(timestep, W, "time_embed")
+    p = F.conv2d(latents, W["patch_embed.model.0.weight"], W["patch_embed.model.0.bias"], padding=1)
+    x[:, image_slice] = resblock(p, emb, W, "patch_embed.model.1").flatten(2).transpose(1, 2)
+
+    ys, xs = positions(S, image_slice.start, h, w)
+    mask = torch.tril(torch.ones(S, S, dtype=torch.bool))
+    mask[image_slice, image_slice] = True
+    for i in range(config["num_hidden_layers"]):
+        L = f"model.layers.{i}"
+        a = rms_norm(x, W[f"{L}.input_layernorm.weight"], eps)
+        qkv = (a @ W[f"{L}.self_attn.qkv_proj.weight"].T).view(B, S, nkv, g + 2, Dh)
+        attn = torch.empty(B, S, nh, Dh)
+        for b in range(B):
+            for head in range(nh):
+                kv = head // g
+                q = rope(qkv[b, :, kv, head % g], ys, xs, config["rope_theta"])
+                k = rope(qkv[b, :, kv, g], ys, xs, config["rope_theta"])
+                q = rms_norm(q, W[f"{L}.self_attn.query_layernorm.weight"], eps)
+                k = rms_norm(k, W[f"{L}.self_attn.key_layernorm.weight"], eps)
+                scores = (q @ k.T) / math.sqrt(Dh)
+                scores = scores.masked_fill(~mask, float("-inf"))
+                attn[b, :, head] = torch.softmax(scores, dim=-1) @ qkv[b, :, kv, g + 1]
+        x = x + attn.reshape(B, S, nh * Dh) @ W[f"{L}.self_attn.o_proj.weight"].T
+        m = rms_norm(x, W[f"{L}.post_attention_layernorm.weight"], eps)
+        x = x + moe_dense(m.reshape(B * S, D), W, f"{L}.mlp", config, i).reshape(B, S, D)
+
+    hid = x[:, image_slice].transpose(1, 2).reshape(B, D, h, w)  # no ln_f
+    out = resblock(hid, timestep_embed(timestep, W, "time_embed_2"), W, "final_layer.model.0")
+    out = F.group_norm(out, 32, W["final_layer.model.1.0.weight"], W["final_layer.model.1.0.bias"], eps=1e-5)
+    return F.conv2d(F.silu(out), W["final_layer.model.1.2.weight"], W["final_layer.model.1.2.bias"], padding=1)

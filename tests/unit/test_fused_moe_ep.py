@@ -1,0 +1,181 @@
+"""Expert-parallel FusedMoE over spawned gloo ranks vs the single-process layer, on every rank, fp32.
+
+One spawn per world size; inside it every layout x backend x placement x routing case runs in turn
+(the default process group is reused, the parallel state rebuilt per layout), to keep the suite fast.
+"""
+
+import pytest
+import torch
+
+from omni_ep.config import ParallelConfig
+from omni_ep.distributed import destroy_parallel_state, get_parallel_state, init_parallel_state
+from omni_ep.layers.fused_moe import FusedMoE, select_experts
+from omni_ep.layers.fused_moe.experts.torch_experts import TorchExperts
+from tests.launcher import run_ranks
+
+E, H, I = 8, 16, 12
+RTOL = 1e-5
+
+
+def full_weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    up_gate = torch.randn(E, 2 * I, H, generator=g) / H**0.5  # checkpoint layout: [up; gate]
+    down = torch.randn(E, H, I, generator=g) / I**0.5
+    return up_gate, down
+
+
+def reference(x, logits, top_k):
+    """The single-process layer: all experts local, [up; gate] reordered to [gate; up]."""
+    up_gate, down = full_weights()
+    up, gate = up_gate.split(I, dim=1)
+    w, ids = select_experts(logits, top_k)
+    return TorchExperts().apply(x, ids, w, torch.cat([gate, up], dim=1), down)
+
+
+def tokens(case, data_rank, top_k):
+    """Per-(data-)rank inputs: counts differ per rank and are odd; routing per case."""
+    g = torch.Generator().manual_seed(100 + data_rank)
+    T = {"random": 5 + 4 * data_rank, "one_expert": 7, "zero_on_rank1": 0 if data_rank == 1 else 9,
+         "all_experts": 3 + data_rank}[case]
+    x = torch.randn(T, H, generator=g)
+    logits = torch.randn(T, E, generator=g)
+    if case == "one_expert":
+        logits[:, 3] += 50.0  # every token's first choice is expert 3
+    return x, logits
+
+
+def load_layer(layer):
+    up_gate, down = full_weights()
+    for param_name, weight_name, expert_id, shard_id in FusedMoE.make_expert_params_mapping(
+        layer, "gate_and_up_proj", "down_proj", "gate_and_up_proj", num_experts=E
+    ):
+        full = up_gate[expert_id] if shard_id == "w13" else down[expert_id]
+        param = layer.w13_weight if param_name.endswith("w13_weight") else layer.w2_weight
+        assert layer.weight_loader(param, full, weight_name, shard_id, expert_id)
+    # Non-local experts are refused without copying.
+    others = [e for e in range(E) if e not in layer.local_expert_ids]
+    for e in others:
+        assert not layer.weight_loader(layer.w2_weight, down[e], f"experts.{e}.down_proj.", "w2", e)
+
+
+LAYOUTS = {
+    2: [dict(tensor_parallel_size=2), dict(data_parallel_size=2), dict(cfg_parallel_size=2)],
+    4: [dict(tensor_parallel_size=2, cfg_parallel_size=2), dict(data_parallel_size=4),
+        dict(tensor_parallel_size=2, data_parallel_size=2)],
+}
+CASES = [("random", 2), ("one_expert", 1), ("one_expert", 2), ("zero_on_rank1", 2), ("all_experts", E)]
+
+
+def ep_worker(rank, world_size):
+    report = []
+    for kw in LAYOUTS[world_size]:
+        for backend in ("allgather_reducescatter", "all2all"):
+            for placement in ("linear", "round_robin"):
+                cfg = ParallelConfig(enable_expert_parallel=True, all2all_backend=backend, expert_placement=placement, **kw)
+                state = init_parallel_state(cfg)
+                data_rank = rank // cfg.tensor_parallel_size  # TP peers hold the same tokens
+                for case, top_k in CASES:
+                    layer = FusedMoE(E, top_k, H, I, params_dtype=torch.float32)
+                    load_layer(layer)
+                    x, logits = tokens(case, data_rank, top_k)
+                    out = layer(x, logits)
+                    ref = reference(x, logits, top_k)
+                    err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.shape[0] else 0.0
+                    assert out.shape == x.shape, (kw, backend, case)
+                    assert err <= RTOL, f"{kw} {backend} {placement} {case} top{top_k}: rel err {err:.2e}"
+                    report.append((str(kw), backend, placement, case, top_k, err))
+                # Expert bytes per rank are exactly total / EP.
+                expert_bytes = sum(p.numel() * p.element_size() for p in (layer.w13_weight, layer.w2_weight))
+                total = E * (2 * I * H + H * I) * 4
+                assert expert_bytes * state.config.expert_parallel_size == total
+                assert layer.local_num_experts == E // world_size
+                destroy_parallel_state()
+    return report
+
+
+def tp_worker(rank, world_size):
+    """Expert parallel off, TP = world: every rank holds 1/TP of each expert's intermediate dim."""
+    init_parallel_state(ParallelConfig(tensor_parallel_size=world_size))
+    errs = []
+    for case, top_k in CASES:
+        layer = FusedMoE(E, top_k, H, I, params_dtype=torch.float32)
+        load_layer(layer)
+        assert layer.w13_weight.shape == (E, 2 * I // world_size, H)
+        x, logits = tokens(case, 0, top_k)
+        out = layer(x, logits)
+        ref = reference(x, logits, top_k)
+        err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.shape[0] else 0.0
+        assert err <= RTOL, f"TP{world_size} {case}: rel err {err:.2e}"
+        errs.append(err)
+    destroy_parallel_state()
+    return errs
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_expert_parallel_matches_single_process_on_every_rank(world_size):
+    reports = run_ranks(ep_worker, world_size, timeout=500)
+    n = len(LAYOUTS[world_size]) * 2 * 2 * len(CASES)
+    assert all(len(r) == n for r in reports)
+    worst = max(row[-1] for r in reports for row in r)
+    print(f"EP over {world_size} ranks: {n} cases per rank, worst relative error {worst:.2e}")
+
+
+@pytest.mark.timeout(300)
+def test_tensor_parallel_experts_match_single_process():
+    errs = run_ranks(tp_worker, 2, timeout=240)
+    assert max(max(e) for e in errs) <= RTOL
+
+
+def test_single_process_layer_equals_dense_per_token_loop():
+    """The reference itself, against the formula written out per token and expert (no sorting)."""
+    init_parallel_state(ParallelConfig())
+    try:
+        layer = FusedMoE(E, 2, H, I, params_dtype=torch.float32)
+        load_layer(layer)
+        x, logits = tokens("random", 3, 2)
+        out = layer(x, logits)
+        up_gate, down = full_weights()
+        probs = torch.softmax(logits.float(), -1)
+        w, ids = probs.topk(2, -1)
+        w = w / w.sum(-1, keepdim=True)
+        expected = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for k in range(2):
+                up, gate = (up_gate[ids[t, k]] @ x[t]).split(I)
+                expected[t] += w[t, k] * (down[ids[t, k]] @ (up * torch.sigmoid(gate) * gate))
+        assert ((out - expected).norm() / expected.norm()).item() < 1e-5
+    finally:
+        destroy_parallel_state()
+
+
+def bad_config_worker(rank, world_size, kind):
+    try:
+        if kind == "world_size":
+            init_parallel_state(ParallelConfig(tensor_parallel_size=world_size * 2, enable_expert_parallel=True))
+        else:
+            init_parallel_state(ParallelConfig(
+                tensor_parallel_size=world_size if kind == "tp_gt_experts" else 1,
+                data_parallel_size=1 if kind == "tp_gt_experts" else world_size,
+                enable_expert_parallel=kind != "tp_gt_experts"))
+            num_experts = {"indivisible": 6, "tp_gt_experts": 2}[kind]
+            FusedMoE(num_experts, 1, H, 2 * I, params_dtype=torch.float32)
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        destroy_parallel_state()
+    return None
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "kind, world_size, match",
+    [
+        ("indivisible", 4, "6 experts cannot be split evenly over expert parallel size 4"),
+        ("tp_gt_experts", 4, "tensor parallel size 4 is larger than the number of experts 2"),
+        ("world_size", 2, "needs 4 processes"),
+    ],
+)
+def test_bad_configuration_raises_on_every_rank_without_hang(kind, world_size, match):
+    messages = run_ranks(bad_config_worker, world_size, kind, timeout=120)
+    assert all(m is not None and match in m for m in messages), messages
