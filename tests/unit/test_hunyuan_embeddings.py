@@ -23,6 +23,19 @@ def _identity_conv3x3_(conv: torch.nn.Conv2d) -> None:
             conv.weight[c, c, 1, 1] = 1.0
 
 
+def _skip_only_(block: HunyuanResBlock, gains: list[float]) -> None:
+    """Zero the residual branch; skip maps input channel c to output channel 32*g + c with gain gains[g]."""
+    with torch.no_grad():
+        for p in block.out_layers[3].parameters():
+            p.zero_()
+        skip = block.skip_connection
+        skip.bias.zero_()
+        skip.weight.zero_()
+        for g, gain in enumerate(gains):
+            for c in range(32):
+                skip.weight[32 * g + c, c, 0, 0] = gain
+
+
 def test_sinusoids_known_numbers():
     # dim 4: half 2, freqs = 10000^(-0/2), 10000^(-1/2) = 1, 0.01; order [cos | sin].
     emb = timestep_sinusoids(torch.tensor([0.0, 500.0]), dim=4)
@@ -96,15 +109,7 @@ def test_unet_down_flattens_row_major_through_skip():
     # model.0 identity, residual branch zeroed, skip = [I; 2I]: token r*w + c = [x[:, r, c], 2 x[:, r, c]].
     down = HunyuanUNetDown(in_channels=32, emb_channels=16, hidden_channels=32, out_channels=64)
     _identity_conv3x3_(down.model[0])
-    with torch.no_grad():
-        for p in down.model[1].out_layers[3].parameters():
-            p.zero_()
-        skip = down.model[1].skip_connection
-        skip.bias.zero_()
-        skip.weight.zero_()
-        for c in range(32):
-            skip.weight[c, c, 0, 0] = 1.0
-            skip.weight[32 + c, c, 0, 0] = 2.0
+    _skip_only_(down.model[1], [1.0, 2.0])
     x = torch.randn(2, 32, 3, 5)
     tokens = down(x, torch.randn(2, 16))
     assert tokens.shape == (2, 15, 64)
@@ -117,14 +122,7 @@ def test_unet_up_unflattens_row_major():
     # ResBlock passes the first 32 of 64 channels through its skip; the head is GN -> SiLU -> identity conv.
     up = HunyuanUNetUp(in_channels=64, emb_channels=16, hidden_channels=32, out_channels=32)
     _identity_conv3x3_(up.model[1][2])
-    with torch.no_grad():
-        for p in up.model[0].out_layers[3].parameters():
-            p.zero_()
-        skip = up.model[0].skip_connection
-        skip.bias.zero_()
-        skip.weight.zero_()
-        for c in range(32):
-            skip.weight[c, c, 0, 0] = 1.0
+    _skip_only_(up.model[0], [1.0])
     hidden = torch.randn(2, 6, 64)
     out = up(hidden, torch.randn(2, 16), height=2, width=3)
     assert out.shape == (2, 32, 2, 3)
