@@ -6,9 +6,11 @@ expert); it shares no code with omni_ep. Shape legend: B batch, S tokens, D hidd
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -140,3 +142,35 @@ def reference_velocity(config, W, input_ids, latents, timestep, image_slice, tim
     out = resblock(hid, timestep_embed(timestep, W, "time_embed_2"), W, "final_layer.model.0")
     out = F.group_norm(out, 32, W["final_layer.model.1.0.weight"], W["final_layer.model.1.0.bias"], eps=1e-5)
     return F.conv2d(F.silu(out), W["final_layer.model.1.2.weight"], W["final_layer.model.1.2.bias"], padding=1)
+
+
+@functools.cache
+def tiny_checkpoint_path() -> str:
+    """The tiny checkpoint (seed 0), written once per test process into a temporary folder."""
+    from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(os.path.join(tempfile.mkdtemp(prefix="hunyuan_tiny_"), "ckpt"), seed=0)
+
+
+def ensure_single_process_state() -> None:
+    """A default (single-process, no parallelism) layout, unless one is already set up."""
+    from omni_ep.config import ParallelConfig
+    from omni_ep.distributed import get_parallel_config, init_parallel_state, is_parallel_state_initialized
+
+    if not is_parallel_state_initialized():
+        init_parallel_state(ParallelConfig())
+    if get_parallel_config().world_size != 1:
+        raise RuntimeError("these tests need a single-process parallel state")
+
+
+def tiny_inputs(vocab_size: int, batch: int = 2, prompt_len: int = 5, h: int = 4, w: int = 4, seed: int = 0):
+    """(input_ids [B, S], latents [B, 32, h, w], timestep [B], image_slice, timestep_index) in the template's
+    layout: <bos> prompt(prompt_len) <boi> <size> <ratio> <timestep> <img> x h*w <eoi>."""
+    gen = torch.Generator().manual_seed(seed)
+    timestep_index = 1 + prompt_len + 3
+    image_slice = slice(timestep_index + 1, timestep_index + 1 + h * w)
+    S = image_slice.stop + 1
+    input_ids = torch.randint(0, vocab_size, (batch, S), generator=gen)
+    latents = torch.randn(batch, 32, h, w, generator=gen)
+    timestep = torch.rand(batch, generator=gen) * 1000
+    return input_ids, latents, timestep, image_slice, timestep_index
