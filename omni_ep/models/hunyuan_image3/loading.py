@@ -201,18 +201,23 @@ def parameters_on_meta():
 
 
 def materialize_parameters(model: nn.Module, device: torch.device) -> None:
-    """Give every meta parameter uninitialised storage on ``device`` (attributes like weight_loader kept);
-    move buffers there too."""
+    """Give every meta parameter uninitialised storage on ``device``, keeping the Parameter objects and their
+    attributes; move buffers there too."""
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is None:
                 continue
             if param.device.type == "meta":
-                new = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
-                new.__dict__.update(param.__dict__)
-                module._parameters[name] = new
+                real = torch.empty(param.shape, dtype=param.dtype, device=device)
             elif param.device != device:
-                module._parameters[name] = nn.Parameter(param.to(device), requires_grad=False)
+                real = param.detach().to(device)
+            else:
+                continue
+            # Swap contents in place: the Parameter object stays the same, so closures and attributes
+            # that refer to it (weight_loader, checkpoint_slice) keep working.
+            attrs = dict(param.__dict__)
+            torch.utils.swap_tensors(param, nn.Parameter(real, requires_grad=False))
+            param.__dict__.update(attrs)
         for name, buf in list(module._buffers.items()):
             if buf is not None:
                 module._buffers[name] = buf.to(device)

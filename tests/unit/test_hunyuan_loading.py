@@ -1,0 +1,234 @@
+"""Loading the tiny checkpoint: per-rank bytes read (EP=2, TP=2 on spawned gloo ranks), outputs equal to
+one process, skipped towers, dummy weights, the VAE decoder, and clear errors for broken checkpoints."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from omni_ep.config import ParallelConfig
+from omni_ep.distributed import destroy_parallel_state, init_parallel_state
+from omni_ep.models.hunyuan_image3 import CheckpointError, load_transformer, load_vae_decoder
+from omni_ep.models.hunyuan_image3.loading import SafetensorsCheckpoint
+from omni_ep.models.hunyuan_image3.transformer import SKIPPED_PREFIXES
+from tests.launcher import run_ranks
+from tests.unit.hunyuan_reference import ensure_single_process_state, tiny_checkpoint_path, tiny_inputs
+
+pytestmark = pytest.mark.timeout(300)
+
+EXPERT_PATTERN = ".mlp.experts."
+
+
+def _stored_bytes(path: str) -> dict[str, int]:
+    return {name: entry.nbytes for name, entry in SafetensorsCheckpoint(path).entries.items()}
+
+
+def _velocity(model, seed=0):
+    ids, latents, t, image_slice, ts_idx = tiny_inputs(model.config.vocab_size, batch=2, h=4, w=4, seed=seed)
+    with torch.no_grad():
+        return model(latents, t, image_slice, ts_idx, input_ids=ids)
+
+
+def _parallel_worker(rank, world_size, path, layout):
+    init_parallel_state(ParallelConfig(**layout))
+    try:
+        model = load_transformer(path, dtype=torch.float32, device="cpu")
+        experts = model.model.layers[0].mlp.experts
+        stats = model.load_stats
+        return {
+            "bytes_read": stats.bytes_read,
+            "expert_bytes_read": stats.expert_bytes_read,
+            "names_read": stats.names_read,
+            "local_expert_ids": list(experts.local_expert_ids),
+            "velocity": _velocity(model),
+        }
+    finally:
+        destroy_parallel_state()
+
+
+def _unsupported_layout_worker(rank, world_size, path, layout):
+    init_parallel_state(ParallelConfig(**layout))
+    try:
+        load_transformer(path, dtype=torch.float32, device="cpu")
+    except NotImplementedError as e:
+        return str(e)
+    finally:
+        destroy_parallel_state()
+    return "no error"
+
+
+@pytest.fixture(scope="module")
+def single():
+    ensure_single_process_state()
+    return load_transformer(tiny_checkpoint_path(), dtype=torch.float32, device="cpu")
+
+
+def test_single_process_reads_everything_but_the_skipped_towers(single):
+    stored = _stored_bytes(tiny_checkpoint_path())
+    needed = {n: b for n, b in stored.items() if not n.startswith(SKIPPED_PREFIXES)}
+    assert single.load_stats.bytes_read == sum(needed.values())
+    assert sorted(single.load_stats.names_read) == sorted(needed)
+    assert not [n for n in single.load_stats.names_read if n.startswith(SKIPPED_PREFIXES)]
+    assert any(n.startswith(p) for n in stored for p in ("vision_model.", "vision_aligner.", "vae.encoder.", "lm_head."))
+
+
+def test_expert_parallel_2_reads_replicated_plus_half_the_experts_and_matches_one_process(single):
+    path = tiny_checkpoint_path()
+    stored = _stored_bytes(path)
+    needed = {n: b for n, b in stored.items() if not n.startswith(SKIPPED_PREFIXES)}
+    expert_bytes = sum(b for n, b in needed.items() if EXPERT_PATTERN in n)
+    replicated_bytes = sum(needed.values()) - expert_bytes
+    reference = _velocity(single)
+
+    layout = dict(data_parallel_size=2, enable_expert_parallel=True)
+    reports = run_ranks(_parallel_worker, 2, path, layout, timeout=240)
+    held = []
+    for rank, report in enumerate(reports):
+        assert report["bytes_read"] == replicated_bytes + expert_bytes // 2
+        assert report["expert_bytes_read"] == expert_bytes // 2
+        ids = report["local_expert_ids"]
+        assert ids == list(range(4 * rank, 4 * rank + 4))  # linear placement of 8 experts
+        read_experts = {int(n.split(".")[5]) for n in report["names_read"] if EXPERT_PATTERN in n}
+        assert read_experts == set(ids)  # other ranks' experts are never read
+        held += ids
+        torch.testing.assert_close(report["velocity"], reference, rtol=1e-5, atol=1e-5)
+    assert sorted(held) == list(range(8))
+
+
+def test_tensor_parallel_2_reads_its_attention_slices_and_matches_one_process(single):
+    path = tiny_checkpoint_path()
+    stored = _stored_bytes(path)
+    needed = {n: b for n, b in stored.items() if not n.startswith(SKIPPED_PREFIXES)}
+    split = sum(b for n, b in needed.items() if n.endswith(("qkv_proj.weight", "o_proj.weight")))
+    reports = run_ranks(_parallel_worker, 2, path, dict(tensor_parallel_size=2), timeout=240)
+    reference = _velocity(single)
+    for report in reports:
+        assert report["bytes_read"] == sum(needed.values()) - split // 2
+        torch.testing.assert_close(report["velocity"], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_and_pipeline_parallel_are_refused():
+    path = tiny_checkpoint_path()
+    for layout in (dict(ulysses_degree=2), dict(pipeline_parallel_size=2)):
+        messages = run_ranks(_unsupported_layout_worker, 2, path, layout, timeout=120)
+        assert all("not supported yet" in m for m in messages), messages
+
+
+def test_dummy_load_reads_no_weight_file(tmp_path):
+    ensure_single_process_state()
+    shutil.copy(os.path.join(tiny_checkpoint_path(), "config.json"), tmp_path / "config.json")
+    model = load_transformer(tmp_path, dtype=torch.float32, device="cpu", load_format="dummy", seed=3)
+    assert model.load_stats.bytes_read == 0
+    layer = model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.shape == (model.config.qkv_rows, model.config.hidden_size)
+    assert torch.all(layer.input_layernorm.weight == 1)
+    assert layer.mlp.gate.wg.weight.dtype == torch.float32
+    assert layer.mlp.experts.w13_weight.std() > 0.01
+    out = _velocity(model)
+    assert torch.isfinite(out).all()
+    again = load_transformer(tmp_path, dtype=torch.float32, device="cpu", load_format="dummy", seed=3)
+    torch.testing.assert_close(_velocity(again), out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="load_format"):
+        load_transformer(tmp_path, load_format="pt")
+
+
+def test_vae_decoder_loads_from_its_prefix():
+    decoder = load_vae_decoder(tiny_checkpoint_path())
+    stored = load_file(os.path.join(tiny_checkpoint_path(), _file_of(tiny_checkpoint_path(), "vae.decoder.conv_in.weight")))
+    torch.testing.assert_close(decoder.conv_in.weight, stored["vae.decoder.conv_in.weight"].float())
+    assert all(n.startswith("vae.decoder.") for n in decoder.load_stats.names_read)
+    with torch.no_grad():
+        frames = decoder(torch.randn(1, 32, 1, 2, 2))
+    assert frames.shape == (1, 3, 4, 32, 32)
+
+
+# ---- broken checkpoints ---------------------------------------------------------------------------------
+def _file_of(path, name):
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        return json.load(f)["weight_map"][name]
+
+
+@pytest.fixture
+def broken(tmp_path):
+    """A private copy of the tiny checkpoint to damage."""
+    ensure_single_process_state()
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint_path(), dst)
+    return str(dst)
+
+
+def _rewrite_shard(path, file, edit):
+    tensors = load_file(os.path.join(path, file))
+    edit(tensors)
+    save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+
+
+def _rewrite_index(path, edit):
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    edit(index["weight_map"])
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+
+
+def test_missing_index_names_the_folder(tmp_path):
+    shutil.copy(os.path.join(tiny_checkpoint_path(), "config.json"), tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors\.index\.json .* in " + str(tmp_path)):
+        load_transformer(tmp_path, dtype=torch.float32)
+
+
+def test_missing_tensor_names_the_tensor(broken):
+    name = "model.layers.1.self_attn.o_proj.weight"
+    file = _file_of(broken, name)
+    _rewrite_shard(broken, file, lambda t: t.pop(name))
+    _rewrite_index(broken, lambda m: m.pop(name))
+    with pytest.raises(CheckpointError, match=f"missing .*'{name}'"):
+        load_transformer(broken, dtype=torch.float32)
+
+
+def test_missing_expert_names_the_tensor(broken):
+    name = "model.layers.0.mlp.experts.7.down_proj.weight"
+    file = _file_of(broken, name)
+    _rewrite_shard(broken, file, lambda t: t.pop(name))
+    _rewrite_index(broken, lambda m: m.pop(name))
+    with pytest.raises(CheckpointError, match=f"missing .*'{name}'"):
+        load_transformer(broken, dtype=torch.float32)
+
+
+def test_index_pointing_to_the_wrong_shard_names_both(broken):
+    name = "model.wte.weight"
+    wrong = next(f for f in sorted(set(json.load(open(os.path.join(broken, "model.safetensors.index.json")))["weight_map"].values())) if f != _file_of(broken, name))
+    _rewrite_index(broken, lambda m: m.__setitem__(name, wrong))
+    with pytest.raises(CheckpointError, match=f"'{name}' in {wrong}"):
+        load_transformer(broken, dtype=torch.float32)
+
+
+def test_extra_tensor_names_file_and_tensor(broken):
+    name = "model.layers.0.mlp.experts.8.down_proj.weight"  # only 8 experts (0..7)
+    file = _file_of(broken, "model.wte.weight")
+    _rewrite_shard(broken, file, lambda t: t.__setitem__(name, torch.zeros(64, 32, dtype=torch.bfloat16)))
+    _rewrite_index(broken, lambda m: m.__setitem__(name, file))
+    with pytest.raises(CheckpointError, match=f"{file}.*'{name}'"):
+        load_transformer(broken, dtype=torch.float32)
+
+
+def test_wrong_shape_names_file_tensor_and_shapes(broken):
+    name = "model.layers.0.mlp.shared_mlp.down_proj.weight"
+    file = _file_of(broken, name)
+    _rewrite_shard(broken, file, lambda t: t.__setitem__(name, torch.zeros(64, 16, dtype=torch.bfloat16)))
+    with pytest.raises(CheckpointError, match=rf"{file}: tensor '{name}' has shape \(64, 16\), the model expects \(64, 32\)"):
+        load_transformer(broken, dtype=torch.float32)
+
+
+def test_truncated_shard_names_the_file(broken):
+    file = _file_of(broken, "model.layers.0.mlp.experts.0.down_proj.weight")
+    full = os.path.join(broken, file)
+    size = os.path.getsize(full)
+    with open(full, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(CheckpointError, match=f"{file}: truncated shard"):
+        load_transformer(broken, dtype=torch.float32)
