@@ -44,15 +44,18 @@ class HunyuanImage3KVCache:
 
     def __init__(self):
         self.prefix_len: int | None = None
+        self.filling = False
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
 
     @property
     def is_filled(self) -> bool:
-        return self.prefix_len is not None
+        """True once a whole first pass has stored every layer's prefix."""
+        return self.prefix_len is not None and not self.filling
 
     def reset(self) -> None:
         self.prefix_len = None
+        self.filling = False
         self.keys.clear()
         self.values.clear()
 
@@ -60,6 +63,10 @@ class HunyuanImage3KVCache:
         """Start recording: the next forward runs the whole sequence and stores its first prefix_len K/V."""
         self.reset()
         self.prefix_len = prefix_len
+        self.filling = True
+
+    def end_fill(self) -> None:
+        self.filling = False
 
     def store_or_extend(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor

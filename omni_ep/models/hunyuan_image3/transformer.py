@@ -160,6 +160,8 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         mask = build_attention_mask(seq_len, [(img_start, img_stop)], device=device, query_start=q_start)
         for layer in self.model.layers:
             x_BSH = layer(x_BSH, cos, sin, mask, kv_cache)
+        if kv_cache is not None and not cached:
+            kv_cache.end_fill()
         image_hidden = x_BSH[:, img_start - q_start : img_stop - q_start]  # no ln_f before final_layer
         return self.final_layer(image_hidden, self.time_embed_2(timestep), h, w)
 
