@@ -1,8 +1,9 @@
 """Tile configurations of the Triton expert GEMMs: tuned JSON files, picked by device, experts and tokens.
 
-A file `configs/E={E},N={I},device_name={name}.json` maps a token count M (as a string) to
-    {"BLOCK_M": int, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages},
-     "down": {same keys}}
+A file `configs/E{E}_N{I}_{device name}.json` (e.g. E64_N3072_NVIDIA_H100_80GB_HBM3.json) maps a token count M (as a string) to
+    {"BLOCK_M": int, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, ONE_DOT, PROGRAMS_PER_SM]},
+     "down": {the same keys but ONE_DOT}}
+(keys starting with "_" are notes: device, versions, command).
 `benchmarks/tune_moe.py` writes these files. Lookup: the file of this device (else one of the same GPU family,
 e.g. an H100 file on an H200), for E local experts (else the nearest E with the same I), then the entry with
 the nearest token count. With no file, a default that is correct everywhere and reasonable on Hopper.
@@ -16,7 +17,7 @@ import re
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-_NAME = re.compile(r"^E=(\d+),N=(\d+),device_name=(.+)\.json$")
+_NAME = re.compile(r"^E(\d+)_N(\d+)_(.+)\.json$")
 
 
 def device_file_name(device_name: str) -> str:
@@ -32,7 +33,7 @@ def device_family(device_name: str) -> str:
 
 
 def config_file_name(num_experts: int, intermediate_size: int, device_name: str) -> str:
-    return f"E={num_experts},N={intermediate_size},device_name={device_file_name(device_name)}.json"
+    return f"E{num_experts}_N{intermediate_size}_{device_file_name(device_name)}.json"
 
 
 def default_config(num_tokens: int) -> dict:
@@ -60,7 +61,7 @@ def _pick_file(num_experts: int, intermediate_size: int, device_name: str, confi
         return exact
     want_device = device_file_name(device_name)
     candidates = []
-    for path in config_dir.glob("E=*,N=*,device_name=*.json"):
+    for path in config_dir.glob("E*_N*_*.json"):
         found = _NAME.match(path.name)
         if found is None or int(found[2]) != intermediate_size:
             continue

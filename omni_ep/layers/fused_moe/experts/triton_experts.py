@@ -62,7 +62,19 @@ class TritonExperts(LocalExperts):
             return "the Triton experts run on CPU only under TRITON_INTERPRET=1 (set before importing triton)."
         return f"the Triton experts run on CUDA devices, not {device.type}."
 
-    def _num_programs(self, device: torch.device) -> int:
+    def config_for(self, hidden_states: torch.Tensor, num_experts: int, intermediate_size: int) -> dict:
+        """The tile configuration apply() uses for these activations [M, H] and expert shapes."""
+        config = self.config
+        if config is None:
+            dev = hidden_states.device
+            name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+            config = moe_config(num_experts, intermediate_size, hidden_states.shape[0], name, self.config_dir)
+        if hidden_states.dtype == torch.float32 and hidden_states.device.type == "cuda":
+            config = _fit_fp32(config)
+        return config
+
+    @staticmethod
+    def num_sms(device: torch.device) -> int:
         if device.type == "cuda":
             return torch.cuda.get_device_properties(device).multi_processor_count
         return 4  # the interpreter runs programs one after another: a few suffice
@@ -91,15 +103,10 @@ class TritonExperts(LocalExperts):
                 f"TritonExperts: weights ({w13.dtype}, {w2.dtype}) must have the activations' dtype {x_MH.dtype}."
             )
         x_MH, w13, w2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_MH, w13, w2))
-        config = self.config
-        if config is None:
-            name = torch.cuda.get_device_name(x_MH.device) if x_MH.device.type == "cuda" else "cpu"
-            config = moe_config(E, I, M, name, self.config_dir)
-        if x_MH.dtype == torch.float32 and x_MH.device.type == "cuda":
-            config = _fit_fp32(config)
+        config = self.config_for(x_MH, E, I)
         K = topk_ids.shape[1]
-        programs = self._num_programs(x_MH.device)
+        sms = self.num_sms(x_MH.device)
         align = align_pairs_to_blocks(topk_ids, E, config["BLOCK_M"])
-        h_RI = gate_up_swiglu(x_MH, w13, align, K, config["gate_up"], programs)
-        y_PH = down_unpermute(h_RI, w2, topk_weights, align, config["down"], programs)
+        h_RI = gate_up_swiglu(x_MH, w13, align, K, config["gate_up"], sms)
+        y_PH = down_unpermute(h_RI, w2, topk_weights, align, config["down"], sms)
         return topk_sum(y_PH, topk_ids, E)

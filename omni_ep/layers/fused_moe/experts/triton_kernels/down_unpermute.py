@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
-from omni_ep.layers.fused_moe.experts.triton_kernels.tile_order import grouped_tile
+from omni_ep.layers.fused_moe.experts.triton_kernels.tile_order import grouped_tile, persistent_programs
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def _down_unpermute_kernel(
 
 def down_unpermute(
     h_RI: torch.Tensor, w2_EHI: torch.Tensor, topk_weights_MK: torch.Tensor, align: BlockAlignment,
-    config: dict, num_programs: int,
+    config: dict, num_sms: int,
 ) -> torch.Tensor:
     """h [R, I] sorted rows, w2 [E, H, I], topk_weights [M, K] -> y [P, H], row m*K+k for slot k of token m.
 
@@ -71,7 +71,8 @@ def down_unpermute(
     if not weights_P.is_contiguous():
         weights_P = weights_P.contiguous()
     y_PH = torch.empty(align.num_pairs, H, dtype=h_RI.dtype, device=h_RI.device)
-    _down_unpermute_kernel[(num_programs,)](
+    programs = persistent_programs(align.block_expert_B.numel(), triton.cdiv(H, config["BLOCK_N"]), config, num_sms)
+    _down_unpermute_kernel[(programs,)](
         h_RI, w2_EHI, y_PH, weights_P,
         align.sorted_pair_R, align.block_expert_B, align.num_padded_rows,
         align.num_pairs, H, I,

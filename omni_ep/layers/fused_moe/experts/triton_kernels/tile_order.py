@@ -1,4 +1,4 @@
-"""Tile order shared by the persistent expert GEMMs."""
+"""Tile order and program count shared by the persistent expert GEMMs."""
 
 import triton
 import triton.language as tl
@@ -14,3 +14,11 @@ def grouped_tile(tile, num_m_blocks, num_n_blocks, GROUP_M: tl.constexpr):
     m_block = first_m + (tile % tiles_per_group) % group_rows
     n_block = (tile % tiles_per_group) // group_rows
     return m_block, n_block
+
+
+def persistent_programs(num_row_blocks: int, num_n_blocks: int, config: dict, num_sms: int) -> int:
+    """Programs of a persistent GEMM launch: PROGRAMS_PER_SM (default 1) per SM, at most one per tile of the
+    worst case; PROGRAMS_PER_SM 0 means one program per worst-case tile (a plain, non-persistent grid)."""
+    per_sm = config.get("PROGRAMS_PER_SM", 1)
+    tiles = max(num_row_blocks * num_n_blocks, 1)
+    return tiles if per_sm == 0 else min(tiles, num_sms * per_sm)

@@ -1,0 +1,290 @@
+"""Side-by-side timing of one MoE layer's routed experts (HunyuanImage-3.0 shapes) on one GPU.
+
+Contenders, all on the same inputs and weights, timed with CUDA events (median of many runs):
+  triton        omni_ep TritonExperts (tuned configs from the package, or --config-dir)
+  torch         omni_ep TorchExperts (sort + torch._grouped_mm)
+  hf_<impl>     transformers' hunyuan_v1_moe experts block, once per experts implementation it offers
+  dense_loop    a per-expert loop over a dense [T, E, capacity] dispatch, like the official eager path
+  cublas        the ceiling: one cuBLAS bf16 matmul [P, H] x [H, 3I] with the same FLOPs
+
+Expert parallel is modelled as one rank: E_local = 64 / EP. Router logits are drawn over all 64 experts,
+softmax then top-8 (renormalised), and the slots whose expert is not among this rank's first E_local experts
+become -1. FLOPs count the LOCAL (token, expert) pairs only: 2 * 3 * H * I per pair.
+
+  python benchmarks/bench_moe.py --tokens 1024 4097 8194 16388 --experts 64 32 16 8 \
+      --json benchmarks/results/moe_h100.json --table benchmarks/results/moe_h100.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omni_ep.layers.fused_moe.experts.torch_experts import TorchExperts  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import down_unpermute  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gate_up_swiglu  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_kernels.topk_sum import topk_sum  # noqa: E402
+
+NUM_GLOBAL_EXPERTS = 64
+
+
+def ep_routing(num_tokens: int, num_local: int, top_k: int, device, generator: torch.Generator):
+    """Routing seen by EP rank 0: ids [T, K] local id or -1, weights [T, K] fp32 (softmax, top-k, renormalised)."""
+    logits = torch.randn(num_tokens, NUM_GLOBAL_EXPERTS, device=device, generator=generator)
+    weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    ids = torch.where(ids < num_local, ids, -1).to(torch.int32)
+    return ids, weights
+
+
+def expert_weights(num_local: int, hidden: int, inter: int, dtype, device, generator: torch.Generator):
+    """w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], scaled like a trained layer (unit-ish outputs)."""
+    w13 = torch.randn(num_local, 2 * inter, hidden, device=device, dtype=dtype, generator=generator) * hidden**-0.5
+    w2 = torch.randn(num_local, hidden, inter, device=device, dtype=dtype, generator=generator) * inter**-0.5
+    return w13, w2
+
+
+def median_ms(fn, budget_ms: float = 400.0, min_runs: int = 5, max_runs: int = 200) -> float:
+    """Median of CUDA-event times, after warm-up; the run count fits the budget."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    runs = int(min(max_runs, max(min_runs, budget_ms / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(runs):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def dense_dispatch_loop(x_MH, ids_MK, weights_MK, w13, w2):
+    """Per-expert loop over a dense dispatch tensor [M, E, C] (C = busiest expert's load), as the official
+    HunyuanImage-3.0 eager MoE does: einsum dispatch, one MLP per expert on its C rows, einsum combine."""
+    M, K = ids_MK.shape
+    E, I = w13.shape[0], w2.shape[2]
+    local_P = ids_MK.reshape(-1) >= 0
+    expert_P = torch.where(local_P, ids_MK.reshape(-1), E).long()
+    one_hot_PE = F.one_hot(expert_P, E + 1)[:, :E]
+    position_P = ((one_hot_PE.cumsum(0) - 1) * one_hot_PE).sum(1)
+    capacity = int(one_hot_PE.sum(0).max())  # host sync, as in the original
+    token_P = torch.arange(M * K, device=x_MH.device) // K
+    dispatch_MEC = x_MH.new_zeros(M, E, max(capacity, 1))
+    combine_MEC = x_MH.new_zeros(M, E, max(capacity, 1))
+    index = (token_P[local_P], expert_P[local_P], position_P[local_P])
+    dispatch_MEC[index] = 1
+    combine_MEC[index] = weights_MK.reshape(-1)[local_P].to(x_MH.dtype)
+    x_ECH = torch.einsum("mec,mh->ech", dispatch_MEC, x_MH)
+    outs = []
+    for e in range(E):
+        gate, up = (x_ECH[e] @ w13[e].t()).chunk(2, dim=-1)
+        outs.append((F.silu(gate) * up) @ w2[e].t())
+    return torch.einsum("mec,ech->mh", combine_MEC, torch.stack(outs))
+
+
+def hf_experts(num_local: int, hidden: int, inter: int, top_k: int, w13, w2):
+    """transformers' HunYuanMoEV1Experts holding the same weight tensors, one per implementation it offers."""
+    from transformers import HunYuanMoEV1Config
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    from transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe import HunYuanMoEV1Experts
+
+    impls = ["eager"] + [name for name in ("grouped_mm", "batched_mm") if name in ALL_EXPERTS_FUNCTIONS]
+    modules = {}
+    for impl in impls:
+        config = HunYuanMoEV1Config(
+            hidden_size=hidden, intermediate_size=inter, num_experts=num_local, moe_topk=top_k, hidden_act="silu"
+        )
+        config._experts_implementation = impl
+        with torch.device("meta"):
+            module = HunYuanMoEV1Experts(config)
+        module.gate_up_proj = torch.nn.Parameter(w13, requires_grad=False)
+        module.down_proj = torch.nn.Parameter(w2, requires_grad=False)
+        module._is_expert_parallel = num_local < NUM_GLOBAL_EXPERTS
+        modules[f"hf_{impl}"] = module
+    return modules
+
+
+def hf_takes_ep_sentinel() -> dict[str, bool]:
+    """Whether each transformers implementation accepts the EP sentinel id (== E) for non-local slots.
+    Tried on CPU at a tiny size: on CUDA an out-of-range id is a device assert that ends the process."""
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = expert_weights(2, 16, 16, torch.float32, "cpu", g)
+    ids = torch.tensor([[0, 2], [2, 1]])
+    accepted = {}
+    for name, module in hf_experts(2, 16, 16, 2, w13, w2).items():
+        try:
+            module(torch.randn(2, 16, generator=g), ids, torch.rand(2, 2, generator=g))
+            accepted[name] = True
+        except Exception:
+            accepted[name] = False
+    return accepted
+
+
+def triton_stages_ms(x, ids, weights, w13, w2, config_dir, budget_ms) -> dict:
+    """Median ms of each Triton stage alone (align, gate_up, down, top-k sum), with the config apply() picks."""
+    experts = TritonExperts(config_dir=config_dir)
+    config = experts.config_for(x, w13.shape[0], w2.shape[2])
+    sms = experts.num_sms(x.device)
+    align = align_pairs_to_blocks(ids, w13.shape[0], config["BLOCK_M"])
+    h = gate_up_swiglu(x, w13, align, ids.shape[1], config["gate_up"], sms)
+    y = down_unpermute(h, w2, weights, align, config["down"], sms)
+    return {
+        "align": median_ms(lambda: align_pairs_to_blocks(ids, w13.shape[0], config["BLOCK_M"]), budget_ms),
+        "gate_up": median_ms(lambda: gate_up_swiglu(x, w13, align, ids.shape[1], config["gate_up"], sms), budget_ms),
+        "down": median_ms(lambda: down_unpermute(h, w2, weights, align, config["down"], sms), budget_ms),
+        "topk_sum": median_ms(lambda: topk_sum(y, ids, w13.shape[0]), budget_ms),
+        "config": config,
+    }
+
+
+def bench_case(num_tokens: int, num_local: int, args, generator, w13, w2, contenders: set[str]) -> dict:
+    H, I, K = args.hidden, args.intermediate, args.top_k
+    dev = "cuda"
+    x = torch.randn(num_tokens, H, device=dev, dtype=torch.bfloat16, generator=generator)
+    ids, weights = ep_routing(num_tokens, num_local, K, dev, generator)
+    pairs = int((ids >= 0).sum())
+    flops = 2 * 3 * H * I * pairs
+    ids_sentinel = torch.where(ids >= 0, ids, num_local).long()  # transformers' EP sentinel: id == E
+    fns = {
+        "triton": lambda: TritonExperts(config_dir=args.config_dir).apply(x, ids, weights, w13, w2),
+        "torch": lambda: TorchExperts().apply(x, ids, weights, w13, w2),
+        "dense_loop": lambda: dense_dispatch_loop(x, ids, weights, w13, w2),
+    }
+    for name, module in hf_experts(num_local, H, I, K, w13, w2).items():
+        if num_local < NUM_GLOBAL_EXPERTS and not args.hf_sentinel_ok[name]:
+            fns[name] = None  # this transformers version cannot skip non-local slots
+        else:
+            fns[name] = lambda m=module: m(x, ids_sentinel, weights.to(x.dtype))
+    a = torch.randn(pairs, H, device=dev, dtype=torch.bfloat16, generator=generator)
+    b = torch.randn(H, 3 * I, device=dev, dtype=torch.bfloat16, generator=generator)
+    reference = None
+    row = {"tokens": num_tokens, "experts_local": num_local, "local_pairs": pairs, "tflop": flops / 1e12}
+    results = {}
+    with torch.inference_mode():
+        ceiling_ms = median_ms(lambda: a @ b, args.budget_ms)
+        results["cublas"] = {"ms": ceiling_ms, "tflops": flops / ceiling_ms / 1e9}
+        for name, fn in fns.items():
+            if name not in contenders and not (name.startswith("hf_") and "hf" in contenders):
+                continue
+            if fn is None:
+                results[name] = {"error": "no EP: rejects the non-local sentinel id in this transformers version"}
+                continue
+            try:
+                out = fn()
+                if reference is None:
+                    reference = TorchExperts().apply(x.float(), ids, weights, w13.float(), w2.float())
+                err = ((out.float() - reference).norm() / reference.norm()).item()
+                ms = median_ms(fn, args.budget_ms)
+                results[name] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_fp32": err}
+            except Exception as exc:  # report and go on: one broken contender must not hide the others
+                results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            torch.cuda.empty_cache()
+        if "triton" in results and "ms" in results["triton"]:
+            results["triton"]["stages_ms"] = triton_stages_ms(x, ids, weights, w13, w2, args.config_dir, args.budget_ms)
+    for r in results.values():
+        if "tflops" in r:
+            r["vs_ceiling"] = r["tflops"] / results["cublas"]["tflops"]
+    row["results"] = results
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    names = []
+    for row in rows:
+        names += [n for n in row["results"] if n not in names]
+    head = "| T | E_local | local pairs | " + " | ".join(f"{n} TFLOP/s (x ceil)" for n in names) + " |"
+    lines = [head, "|" + "---|" * (3 + len(names))]
+    for row in rows:
+        cells = []
+        for n in names:
+            r = row["results"].get(n, {})
+            if "tflops" in r:
+                cells.append(f"{r['tflops']:.0f} ({r['vs_ceiling']:.2f}) {r['ms']:.2f} ms")
+            else:
+                cells.append(r.get("error", "-")[:40])
+        lines.append(f"| {row['tokens']} | {row['experts_local']} | {row['local_pairs']} | " + " | ".join(cells) + " |")
+    lines += ["", "Triton stages alone (median ms): align / gate_up / down / topk_sum", ""]
+    for row in rows:
+        stages = row["results"].get("triton", {}).get("stages_ms")
+        if stages:
+            parts = " / ".join(f"{stages[k]:.3f}" for k in ("align", "gate_up", "down", "topk_sum"))
+            lines.append(f"- T={row['tokens']} E_local={row['experts_local']}: {parts}")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4097, 8194, 16388])
+    p.add_argument("--experts", type=int, nargs="+", default=[64, 32, 16, 8], help="E_local = 64 / EP")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=3072)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--contenders", nargs="+", default=["triton", "torch", "hf", "dense_loop"])
+    p.add_argument("--config-dir", type=Path, default=None, help="tuned JSON files (default: the package's)")
+    p.add_argument("--budget-ms", type=float, default=300.0, help="timed milliseconds per contender and shape")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--table", type=Path, default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_moe.py times CUDA kernels: run it on a machine with a CUDA GPU.")
+    for e in args.experts:
+        if not 1 <= e <= NUM_GLOBAL_EXPERTS or NUM_GLOBAL_EXPERTS % e:
+            sys.exit(f"--experts {e}: E_local must divide {NUM_GLOBAL_EXPERTS} (E_local = 64 / EP).")
+    generator = torch.Generator("cuda").manual_seed(args.seed)
+    args.hf_sentinel_ok = hf_takes_ep_sentinel() if "hf" in args.contenders else {}
+    rows = []
+    for num_local in args.experts:
+        w13, w2 = expert_weights(num_local, args.hidden, args.intermediate, torch.bfloat16, "cuda", generator)
+        for t in args.tokens:
+            row = bench_case(t, num_local, args, generator, w13, w2, set(args.contenders))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del w13, w2
+        torch.cuda.empty_cache()
+    import transformers
+    import triton
+
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+                     "transformers": transformers.__version__},
+        "command": "python " + " ".join(sys.argv),
+        "shapes": {"hidden": args.hidden, "intermediate": args.intermediate, "top_k": args.top_k,
+                   "global_experts": NUM_GLOBAL_EXPERTS, "dtype": "bfloat16"},
+        "flops": "2*3*H*I per LOCAL (token, expert) pair; EP rank 0 of 64/E_local, non-local slots are -1",
+    }
+    text = table(rows)
+    print(f"\n{meta['device']}  {meta['date']}  torch {torch.__version__} triton {triton.__version__}")
+    print(meta["flops"])
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if args.table:
+        args.table.write_text(
+            f"# MoE routed-expert throughput\n\n{json.dumps(meta, indent=1)}\n\nEach cell: TFLOP/s (ratio to the "
+            f"cuBLAS ceiling) and median ms.\n\n{text}\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

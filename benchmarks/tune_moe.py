@@ -1,0 +1,145 @@
+"""Tune the Triton expert GEMMs for HunyuanImage-3.0 shapes and write the JSON files the package reads.
+
+For each E_local and token count M, routing is drawn as in bench_moe.py (64 global experts, top-8, this rank's
+E_local of them). For each candidate BLOCK_M (the row padding of the alignment, shared by both GEMMs) every
+gate_up and every down tile candidate is timed alone (triton.testing.do_bench, median); the BLOCK_M with the
+smallest sum of the two best times wins. The candidate lists are short on purpose (about 5 per GEMM and
+BLOCK_M): a sweep that fits one 10-minute GPU session, not an exhaustive search.
+
+  python benchmarks/tune_moe.py --experts 64 32 16 8 --tokens 64 256 1024 4096 8192 16384 \
+      --out-dir omni_ep/layers/fused_moe/experts/configs
+
+writes E{E}_N{I}_{device}.json per E (format in omni_ep/.../triton_configs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_moe import ep_routing, expert_weights  # noqa: E402
+
+from omni_ep.layers.fused_moe.experts.triton_configs import config_file_name  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import down_unpermute  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gate_up_swiglu  # noqa: E402
+
+
+def tile(block_n, block_k, group_m, num_warps, num_stages, **extra):
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m, "num_warps": num_warps,
+            "num_stages": num_stages, **extra}
+
+
+def block_m_candidates(num_tokens: int) -> list[int]:
+    """About M*8/64 rows per expert: small row blocks waste less padding when experts get few rows."""
+    if num_tokens <= 128:
+        return [16, 32]
+    if num_tokens <= 512:
+        return [32, 64]
+    return [64, 128]
+
+
+def tile_candidates(block_m: int, gemm: str) -> list[dict]:
+    """Tiles that fit Hopper's shared memory at this BLOCK_M; gate_up holds two B tiles (gate and up).
+    ONE_DOT: gate_up as one MMA twice as wide; PROGRAMS_PER_SM 0: a plain grid instead of a persistent one."""
+    if block_m <= 32:
+        return [tile(64, 128, 1, 4, 4), tile(128, 128, 1, 4, 3), tile(64, 64, 1, 4, 5), tile(128, 64, 1, 4, 4),
+                tile(32, 128, 1, 4, 4)]
+    if block_m == 64:
+        if gemm == "gate_up":
+            return [tile(128, 64, 8, 4, 4), tile(128, 64, 8, 8, 4), tile(64, 128, 8, 4, 3), tile(64, 64, 8, 4, 5),
+                    tile(128, 64, 8, 4, 4, ONE_DOT=True)]
+        return [tile(128, 64, 8, 4, 4), tile(256, 64, 8, 8, 4), tile(128, 128, 8, 4, 3), tile(256, 64, 8, 8, 3),
+                tile(128, 64, 8, 4, 4, PROGRAMS_PER_SM=2)]
+    if gemm == "gate_up":
+        return [tile(128, 64, 8, 8, 3), tile(128, 64, 8, 8, 4), tile(128, 64, 16, 8, 4), tile(64, 64, 8, 4, 4),
+                tile(128, 64, 8, 8, 3, ONE_DOT=True), tile(128, 64, 8, 8, 4, ONE_DOT=True),
+                tile(128, 64, 8, 8, 3, PROGRAMS_PER_SM=0)]
+    return [tile(256, 64, 8, 8, 3), tile(256, 64, 8, 8, 4), tile(256, 64, 16, 8, 3), tile(128, 64, 8, 8, 4),
+            tile(256, 128, 8, 8, 2), tile(256, 64, 8, 8, 3, PROGRAMS_PER_SM=0)]
+
+
+def time_ms(fn) -> float:
+    try:
+        return do_bench(fn, warmup=10, rep=40, return_mode="median")
+    except Exception as exc:  # a tile that does not fit (shared memory, registers) is skipped
+        print(f"    skipped: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        return float("inf")
+
+
+def tune_point(x, ids, weights, w13, w2, num_sms: int, verbose: bool) -> tuple[dict, float]:
+    """Best {BLOCK_M, gate_up, down} for one routing, and its gate_up + down time in ms."""
+    best, best_ms = None, float("inf")
+    top_k = ids.shape[1]
+    for block_m in block_m_candidates(x.shape[0]):
+        align = align_pairs_to_blocks(ids, w13.shape[0], block_m)
+        chosen = {}
+        total = 0.0
+        for gemm in ("gate_up", "down"):
+            timings = []
+            for cfg in tile_candidates(block_m, gemm):
+                if gemm == "gate_up":
+                    ms = time_ms(lambda c=cfg: gate_up_swiglu(x, w13, align, top_k, c, num_sms))
+                else:
+                    ms = time_ms(lambda c=cfg: down_unpermute(h, w2, weights, align, c, num_sms))
+                timings.append((ms, cfg))
+                if verbose:
+                    print(f"    BLOCK_M {block_m} {gemm} {cfg}: {ms:.3f} ms", flush=True)
+            ms, cfg = min(timings, key=lambda t: t[0])
+            chosen[gemm] = cfg
+            total += ms
+            if gemm == "gate_up":
+                h = gate_up_swiglu(x, w13, align, top_k, cfg, num_sms)
+        if total < best_ms:
+            best, best_ms = {"BLOCK_M": block_m, **chosen}, total
+    return best, best_ms
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, nargs="+", default=[64, 32, 16, 8], help="E_local = 64 / EP")
+    p.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 1024, 4096, 8192, 16384])
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=3072)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--verbose", action="store_true", help="print every candidate's time")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("tune_moe.py tunes CUDA kernels: run it on a machine with a CUDA GPU.")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    generator = torch.Generator("cuda").manual_seed(args.seed)
+    H, I = args.hidden, args.intermediate
+    for num_local in args.experts:
+        w13, w2 = expert_weights(num_local, H, I, torch.bfloat16, "cuda", generator)
+        table = {"_meta": {"device": device_name, "triton": triton.__version__, "torch": torch.__version__,
+                           "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+                           "routing": "64 global experts, top-8, this rank's E local ones (others -1)"}}
+        for m in args.tokens:
+            x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=generator)
+            ids, weights = ep_routing(m, num_local, args.top_k, "cuda", generator)
+            cfg, ms = tune_point(x, ids, weights, w13, w2, num_sms, args.verbose)
+            flops = 2 * 3 * H * I * int((ids >= 0).sum())
+            print(f"E={num_local} M={m}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s GEMMs only) {cfg}", flush=True)
+            table[str(m)] = cfg
+        path = args.out_dir / config_file_name(num_local, I, device_name)
+        path.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {path}", flush=True)
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
