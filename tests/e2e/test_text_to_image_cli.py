@@ -1,0 +1,94 @@
+"""examples/text_to_image/text_to_image.py as a real subprocess (python, and torchrun for several ranks)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from tests.e2e.image_quality import psnr, ssim
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = str(ROOT / "examples" / "text_to_image" / "text_to_image.py")
+PROMPTS = ["a cat sitting on a red chair", "an astronaut riding a horse on the moon at night"]
+COMMON = ["--num-inference-steps", "3", "--seed", "1234", "--dtype", "float32"]
+MIN_PSNR, MIN_SSIM = 45.0, 0.995
+
+
+def run(args, nproc=1, timeout=300, cache=None):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     f"--nproc-per-node={nproc}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if cache:
+        env["OMNI_EP_CACHE"] = cache
+    return subprocess.run(launcher + [SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def load(path) -> np.ndarray:
+    return np.asarray(PIL.Image.open(path).convert("RGB"), dtype=np.float64) / 255.0
+
+
+@pytest.fixture(scope="module")
+def reference_pngs(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-ref") / "ref.png"
+    proc = run(["--model", tiny_checkpoint, "--prompt", *PROMPTS, "--output", str(out), *COMMON])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "EP=1" in proc.stdout and "peak memory" in proc.stdout and "later steps" in proc.stdout
+    return [out.with_name("ref_0.png"), out.with_name("ref_1.png")]
+
+
+LAYOUTS = [
+    (2, "CFG2+EP", ["--cfg-parallel-size", "2"]),
+    (2, "TP2+EP", ["--tensor-parallel-size", "2"]),
+    (2, "DP2+EP", ["--data-parallel-size", "2"]),
+    (4, "TP2xCFG2+EP", ["--tensor-parallel-size", "2", "--cfg-parallel-size", "2"]),
+]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("backend", ["allgather_reducescatter", "all2all"])
+@pytest.mark.parametrize("nproc, name, flags", LAYOUTS, ids=[name for _, name, _ in LAYOUTS])
+def test_cli_layout_matches_single_process(nproc, name, flags, backend, tiny_checkpoint, reference_pngs, tmp_path):
+    prompts = PROMPTS if "DP" in name else PROMPTS[:1]
+    out = tmp_path / "out.png"
+    proc = run(["--model", tiny_checkpoint, "--prompt", *prompts, "--output", str(out), *COMMON, *flags,
+                "--enable-expert-parallel", "--all2all-backend", backend], nproc=nproc, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"EP={nproc} ({backend}" in proc.stdout
+    assert f"experts: 8 per layer, {8 // nproc} local per rank" in proc.stdout
+    outputs = [out] if len(prompts) == 1 else [out.with_name("out_0.png"), out.with_name("out_1.png")]
+    for produced, ref in zip(outputs, reference_pngs):
+        a, b = load(produced), load(ref)
+        p, s = psnr(a, b), ssim(a, b)
+        print(f"{name} {backend} {produced.name}: PSNR {p:.1f} dB, SSIM {s:.5f}")
+        assert p >= MIN_PSNR and s >= MIN_SSIM, f"{name} {backend}: PSNR {p:.1f} dB, SSIM {s:.5f}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "nproc, args, message",
+    [
+        (1, ["--height", "250"], "positive multiples of 16"),
+        (1, ["--model", "/nonexistent/hunyuan"], "no such checkpoint folder"),
+        (2, ["--tensor-parallel-size", "4", "--enable-expert-parallel"], "needs 4 processes"),
+        (1, ["--prompt"], "expected at least one argument"),
+        (1, ["--ulysses-degree", "2"], "not supported yet"),
+    ],
+    ids=["height", "missing-model", "layout-vs-nproc", "empty-prompt-list", "sequence-parallel"],
+)
+def test_cli_bad_input_fails_clearly_without_hang(nproc, args, message, tiny_checkpoint):
+    model = [] if "--model" in args else ["--model", tiny_checkpoint]
+    proc = run([*model, *COMMON, *args], nproc=nproc, timeout=240)
+    assert proc.returncode != 0
+    assert proc.stderr.count(message) >= nproc, proc.stderr[-3000:]  # every rank says it
+
+
+@pytest.mark.timeout(300)
+def test_cli_default_tiny_model_is_made_on_first_use(tmp_path):
+    proc = run(["--num-inference-steps", "2", "--output", str(tmp_path / "t.png")], cache=str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "cache" / "tiny-hunyuan-image3" / "model.safetensors.index.json").is_file()
+    assert PIL.Image.open(tmp_path / "t.png").size == (256, 256)
