@@ -20,7 +20,8 @@ import triton.language as tl
 class BlockAlignment:
     """Where every local pair sits in the expert-sorted, block-padded row layout.
 
-    sorted_pair_R:    [R] int32  pair index of each row; P (one past the last pair) on padding rows
+    sorted_pair_R:    [R] int32  pair index of each row; P (one past the last pair) on padding rows;
+                                 rows from num_padded_rows on are unwritten
     block_expert_B:   [B] int32  local expert of each block of BLOCK_M rows; E past the used blocks
     num_padded_rows:  [1] int32  rows in use (a multiple of BLOCK_M), read by the GEMMs on the device
     """
@@ -49,13 +50,16 @@ def _block_offsets_kernel(
     expert_start_ptr,
     block_expert_ptr,
     num_padded_ptr,
+    sorted_pair_ptr,
+    num_pairs,
     num_experts,
     max_blocks,
     BLOCK_M: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
-    """One program: padded counts, their exclusive prefix sum, and the expert owning each block."""
+    """One program: padded counts, their exclusive prefix sum, the expert owning each block, and the
+    padding rows (after each expert's pairs) marked with the sentinel pair index num_pairs."""
     e = tl.arange(0, E_POW2)
     is_expert = e < num_experts
     counts = tl.load(counts_ptr + e, mask=is_expert, other=0)
@@ -63,6 +67,8 @@ def _block_offsets_kernel(
     end = tl.cumsum(padded, 0)
     tl.store(expert_start_ptr + e, end - padded, mask=is_expert)
     tl.store(num_padded_ptr, tl.sum(padded, 0))
+    pad_rows = (end - padded + counts)[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    tl.store(sorted_pair_ptr + pad_rows, num_pairs, mask=is_expert[:, None] & (pad_rows < end[:, None]))
     end_block = tl.where(is_expert, end // BLOCK_M, 2147483647)
     for b0 in range(0, max_blocks, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
@@ -102,12 +108,13 @@ def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int
     expert_start_E = torch.empty(num_experts, dtype=torch.int32, device=device)
     block_expert_B = torch.empty(max_blocks, dtype=torch.int32, device=device)
     num_padded_rows = torch.empty(1, dtype=torch.int32, device=device)
-    sorted_pair_R = torch.full((max_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
+    sorted_pair_R = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)  # rows past the used
+    # blocks stay unwritten: the GEMMs stop at num_padded_rows
     block = 1024
     grid = (max(triton.cdiv(num_pairs, block), 1),)
     _count_pairs_kernel[grid](ids_P, counts_E, rank_P, num_pairs, num_experts, BLOCK=block)
     _block_offsets_kernel[(1,)](
-        counts_E, expert_start_E, block_expert_B, num_padded_rows, num_experts, max_blocks,
+        counts_E, expert_start_E, block_expert_B, num_padded_rows, sorted_pair_R, num_pairs, num_experts, max_blocks,
         BLOCK_M=block_m, E_POW2=triton.next_power_of_2(num_experts), BLOCK_B=256,
     )
     _place_pairs_kernel[grid](ids_P, rank_P, expert_start_E, sorted_pair_R, num_pairs, num_experts, BLOCK=block)
