@@ -105,6 +105,10 @@ class FusedMoE(nn.Module):
             self._experts = self._select_experts_backend(self.w13_weight.device, self.w13_weight.dtype)
         return self._experts
 
+    def set_experts_backend(self, name: str | None) -> None:
+        """Pin the local-experts implementation (None: the platform's preference, chosen on next use)."""
+        self._requested_experts_backend, self._experts = name, None
+
     def _select_experts_backend(self, device: torch.device, dtype: torch.dtype):
         names = (self._requested_experts_backend,) if self._requested_experts_backend else self.preferred_experts_backends
         reasons = []
