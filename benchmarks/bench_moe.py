@@ -171,7 +171,8 @@ def bench_case(num_tokens: int, num_local: int, args, generator, w13, w2, conten
         "torch": lambda: TorchExperts().apply(x, ids, weights, w13, w2),
         "dense_loop": lambda: dense_dispatch_loop(x, ids, weights, w13, w2),
     }
-    for name, module in hf_experts(num_local, H, I, K, w13, w2).items():
+    hf_modules = hf_experts(num_local, H, I, K, w13, w2) if "hf" in contenders else {}
+    for name, module in hf_modules.items():
         if num_local < NUM_GLOBAL_EXPERTS and not args.hf_sentinel_ok[name]:
             fns[name] = None  # this transformers version cannot skip non-local slots
         else:
