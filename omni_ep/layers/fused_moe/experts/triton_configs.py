@@ -1,6 +1,7 @@
 """Tile configurations of the Triton expert GEMMs: tuned JSON files, picked by device, experts and tokens.
 
-A file `configs/E{E}_N{I}_{device name}.json` (e.g. E64_N3072_NVIDIA_H100_80GB_HBM3.json) maps a token count M (as a string) to
+A file `configs/E{E}_N{I}_{device name}.json` (e.g. E64_N3072_NVIDIA_H100_80GB_HBM3.json) maps a token count
+M (as a string) to
     {"BLOCK_M": int, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, ONE_DOT, PROGRAMS_PER_SM]},
      "down": {the same keys but ONE_DOT}}
 (keys starting with "_" are notes: device, versions, command).

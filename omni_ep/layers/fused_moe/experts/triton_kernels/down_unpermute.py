@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
-from omni_ep.layers.fused_moe.experts.triton_kernels.tile_order import grouped_tile, persistent_programs
+from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import grouped_tile, load_k_step, persistent_programs
 
 
 @triton.jit
@@ -39,13 +39,8 @@ def _down_unpermute_kernel(
         w_ptrs = w2_ptr + expert * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, tl.cdiv(I, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(h_ptrs)
-                b = tl.load(w_ptrs)
-            else:
-                k_ok = ks < I - k * BLOCK_K
-                a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            a = load_k_step(h_ptrs, ks, I - k * BLOCK_K, EVEN_K, 1)
+            b = load_k_step(w_ptrs, ks, I - k * BLOCK_K, EVEN_K, 0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             h_ptrs += BLOCK_K
             w_ptrs += BLOCK_K

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
-from omni_ep.layers.fused_moe.experts.triton_kernels.tile_order import grouped_tile, persistent_programs
+from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import grouped_tile, load_k_step, persistent_programs
 
 
 @triton.jit
@@ -47,13 +47,8 @@ def _gate_up_swiglu_kernel(
             gate_up_ptrs = w_base + w_rows[None, :] * stride_wn
             acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
             for k in range(0, tl.cdiv(H, BLOCK_K)):
-                if EVEN_K:
-                    a = tl.load(x_ptrs)
-                    b = tl.load(gate_up_ptrs)
-                else:
-                    k_ok = ks < H - k * BLOCK_K
-                    a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-                    b = tl.load(gate_up_ptrs, mask=k_ok[:, None], other=0.0)
+                a = load_k_step(x_ptrs, ks, H - k * BLOCK_K, EVEN_K, 1)
+                b = load_k_step(gate_up_ptrs, ks, H - k * BLOCK_K, EVEN_K, 0)
                 acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
                 x_ptrs += BLOCK_K
                 gate_up_ptrs += BLOCK_K
@@ -65,15 +60,9 @@ def _gate_up_swiglu_kernel(
             acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k in range(0, tl.cdiv(H, BLOCK_K)):
-                if EVEN_K:
-                    a = tl.load(x_ptrs)
-                    g = tl.load(gate_ptrs)
-                    u = tl.load(up_ptrs)
-                else:
-                    k_ok = ks < H - k * BLOCK_K
-                    a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-                    g = tl.load(gate_ptrs, mask=k_ok[:, None], other=0.0)
-                    u = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
+                a = load_k_step(x_ptrs, ks, H - k * BLOCK_K, EVEN_K, 1)
+                g = load_k_step(gate_ptrs, ks, H - k * BLOCK_K, EVEN_K, 0)
+                u = load_k_step(up_ptrs, ks, H - k * BLOCK_K, EVEN_K, 0)
                 acc_gate = tl.dot(a, g, acc_gate, input_precision=DOT_PRECISION)
                 acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
                 x_ptrs += BLOCK_K

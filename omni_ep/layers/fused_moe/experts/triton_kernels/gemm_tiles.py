@@ -1,4 +1,4 @@
-"""Tile order and program count shared by the persistent expert GEMMs."""
+"""Tile order, program count and K-step loads shared by the persistent expert GEMMs."""
 
 import triton
 import triton.language as tl
@@ -22,3 +22,16 @@ def persistent_programs(num_row_blocks: int, num_n_blocks: int, config: dict, nu
     per_sm = config.get("PROGRAMS_PER_SM", 1)
     tiles = max(num_row_blocks * num_n_blocks, 1)
     return tiles if per_sm == 0 else min(tiles, num_sms * per_sm)
+
+
+@triton.jit
+def load_k_step(ptrs, ks, k_left, EVEN_K: tl.constexpr, K_AXIS: tl.constexpr):
+    """One K step of a tile; where fewer than BLOCK_K values of K are left (k_left), read zeros past the end.
+    K_AXIS: the tile axis that runs along K (1 for an A tile [M, K], 0 for a B tile [K, N])."""
+    if EVEN_K:
+        tile = tl.load(ptrs)
+    elif K_AXIS == 0:
+        tile = tl.load(ptrs, mask=(ks < k_left)[:, None], other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=(ks < k_left)[None, :], other=0.0)
+    return tile
