@@ -9,3 +9,13 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(os.fspath(tmp_path_factory.mktemp("tiny-hunyuan-image3")))
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_parallel_state():
+    """The parallel state is per process: a test that made one (directly, or through a loader that makes the
+    single-process default) must not hand it to the next test."""
+    yield
+    from omni_ep.distributed import destroy_parallel_state
+
+    destroy_parallel_state()

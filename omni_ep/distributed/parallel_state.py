@@ -84,7 +84,8 @@ def init_parallel_state(
             dist.destroy_process_group()
         raise
 
-    if torch.cuda.is_available() and (backend or (dist.is_initialized() and dist.get_backend())) != "gloo":
+    backend_in_use = dist.get_backend() if dist.is_initialized() else None
+    if torch.cuda.is_available() and backend_in_use != "gloo":  # gloo: CPU tensors even on a GPU machine
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:

@@ -51,14 +51,16 @@ class _TPLinear(nn.Module):
         if bias:
             bias_split = self.tp_dim == 0
             self.bias = nn.Parameter(torch.empty(shape[0] if bias_split else output_size, dtype=dtype), requires_grad=False)
-        for param in self.parameters():
-            param.weight_loader = self.weight_loader
-            param.checkpoint_slice = self._slicer(param)
+        self.weight.weight_loader, self.weight.checkpoint_slice = self.weight_loader, self._slicer(self.tp_dim)
+        if self.bias is not None:  # a bias is split only with the output features
+            self.bias.weight_loader = self.weight_loader
+            self.bias.checkpoint_slice = self._slicer(0 if self.tp_dim == 0 else None)
 
-    def _slicer(self, param: nn.Parameter):
+    def _slicer(self, dim: int | None):
+        """checkpoint_slice(full_shape) -> this rank's slices along ``dim`` (None: the whole tensor)."""
+
         def checkpoint_slice(full_shape) -> tuple[slice, ...]:
             slices = [slice(None)] * len(full_shape)
-            dim = self.tp_dim if param is self.weight else (0 if self.tp_dim == 0 else None)
             if dim is not None and self.tp_size > 1:
                 size = full_shape[dim] // self.tp_size
                 slices[dim] = slice(self.tp_rank * size, (self.tp_rank + 1) * size)
