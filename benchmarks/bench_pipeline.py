@@ -67,6 +67,9 @@ def main() -> None:
     p.add_argument("--enable-expert-parallel", action="store_true")
     p.add_argument("--all2all-backend", default="allgather_reducescatter")
     p.add_argument("--json", default=None)
+    p.add_argument("--save-latents", default=None, help="rank 0 writes the final latents of two prompts here")
+    p.add_argument("--compare-latents", default=None, help="rank 0 compares its final latents with this file")
+    p.add_argument("--rtol", type=float, default=1e-4, help="largest relative error --compare-latents accepts")
     args = p.parse_args()
 
     from omni_ep.pipelines import HunyuanImage3Pipeline
@@ -115,6 +118,19 @@ def main() -> None:
         rows.append(dict(experts_backend=moe_layers[0].experts.name, first_step_s=steps[0],
                          later_step_s=sum(later) / max(len(later), 1), decode_and_rest_s=total - (ends[-1] - start),
                          total_s=total, peak_memory_gib_per_rank=peaks))
+
+    if args.save_latents or args.compare_latents:
+        latents = pipe(["a cat sitting on a red chair", "an astronaut riding a horse"], height=args.height,
+                       width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=0,
+                       output_type="latent")
+        if state.rank == 0 and args.save_latents:
+            torch.save(latents.images, args.save_latents)
+        if state.rank == 0 and args.compare_latents:
+            ref = torch.load(args.compare_latents)
+            err = ((latents.images - ref).norm() / ref.norm()).item()
+            print(f"final latents vs {args.compare_latents}: relative error {err:.2e} (limit {args.rtol:.0e})")
+            if not err <= args.rtol:
+                raise SystemExit(f"latents differ from the reference: {err:.2e} > {args.rtol:.0e}")
 
     if state.rank == 0:
         cfg = pipe.transformer.config
