@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import tempfile
 import time
 
@@ -25,6 +24,7 @@ import torch
 from omni_ep.config import ParallelConfig
 from omni_ep.distributed import destroy_parallel_state, get_world_group, init_parallel_state
 from omni_ep.layers.fused_moe import FusedMoE
+from omni_ep.pipelines.step_timer import StepTimer, peak_memory_gib
 
 
 def make_model_dir(kind: str, layers: int, num_experts: int, directory: str) -> tuple[str, str]:
@@ -42,12 +42,6 @@ def make_model_dir(kind: str, layers: int, num_experts: int, directory: str) -> 
     write_tiny_tokenizer(directory)  # special tokens by name; ids fit the real vocabulary
     config.to_json_file(os.path.join(directory, "config.json"))
     return directory, "dummy"
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main() -> None:
@@ -94,29 +88,21 @@ def main() -> None:
     for backend in args.experts_backends.split(","):
         for layer in moe_layers:
             layer.set_experts_backend(backend)
-        ends = []
-
-        def on_step_end(pipeline, step, timestep, tensors):
-            if state.device.type == "cuda":
-                torch.cuda.synchronize()
-            ends.append(time.perf_counter())
-            return tensors
-
+        timer = StepTimer(state.device)
         call = dict(height=args.height, width=args.width, num_inference_steps=args.steps,
-                    guidance_scale=args.guidance_scale, seed=0, callback_on_step_end=on_step_end)
+                    guidance_scale=args.guidance_scale, seed=0, callback_on_step_end=timer)
         pipe("warm-up prompt", **{**call, "num_inference_steps": 2})  # compile kernels, tune caches
         if state.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
-        ends.clear()
-        start = time.perf_counter()
+        timer.start()
         pipe("a cup of coffee on the table", **call)
-        total = time.perf_counter() - start
-        steps = [b - a for a, b in zip([start] + ends[:-1], ends)]
+        total = time.perf_counter() - timer.started
+        steps = timer.step_seconds
         later = steps[1:]
         peaks = get_world_group().all_gather_object(peak_memory_gib(state.device))
         rows.append(dict(experts_backend=moe_layers[0].experts.name, first_step_s=steps[0],
-                         later_step_s=sum(later) / max(len(later), 1), decode_and_rest_s=total - (ends[-1] - start),
+                         later_step_s=sum(later) / max(len(later), 1), decode_and_rest_s=total - (timer.ends[-1] - timer.started),
                          total_s=total, peak_memory_gib_per_rank=peaks))
 
     if args.save_latents or args.compare_latents:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -65,16 +64,11 @@ def tiny_checkpoint_path() -> str:
     return path
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from omni_ep.distributed import destroy_parallel_state, get_parallel_state, get_world_group, init_parallel_state
+    from omni_ep.distributed import destroy_parallel_state, get_world_group, init_parallel_state
     from omni_ep.pipelines import HunyuanImage3Pipeline
+    from omni_ep.pipelines.step_timer import StepTimer, peak_memory_gib
 
     try:
         config = ParallelConfig(
@@ -106,19 +100,12 @@ def main(argv=None) -> int:
             for rank, ep_rank, ids in layout:
                 print(f"  rank {rank}: ep_rank {ep_rank}, experts {ids}")
 
-        step_ends = []
-
-        def on_step_end(pipeline, step, timestep, tensors):
-            if state.device.type == "cuda":
-                torch.cuda.synchronize()
-            step_ends.append(time.perf_counter())
-            return tensors
-
+        timer = StepTimer(state.device)
         start = time.perf_counter()
         out = pipe(args.prompt, height=height, width=width, num_inference_steps=args.num_inference_steps,
-                   guidance_scale=args.guidance_scale, seed=args.seed, callback_on_step_end=on_step_end)
+                   guidance_scale=args.guidance_scale, seed=args.seed, callback_on_step_end=timer)
         total = time.perf_counter() - start
-        steps = [b - a for a, b in zip([start] + step_ends[:-1], step_ends)]
+        steps = timer.step_seconds
         later = steps[1:] or steps
         stats = get_world_group().all_gather_object((state.rank, peak_memory_gib(state.device)))
         if state.rank == 0:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from omni_ep.config import ParallelConfig
-from omni_ep.distributed import destroy_parallel_state, get_parallel_state, init_parallel_state
+from omni_ep.distributed import destroy_parallel_state, init_parallel_state
 from omni_ep.layers.fused_moe import FusedMoE, select_experts
 from omni_ep.layers.fused_moe.experts.torch_experts import TorchExperts
 from tests.launcher import run_ranks

@@ -39,9 +39,7 @@ from omni_ep.distributed import (
     is_parallel_state_initialized,
 )
 from omni_ep.models.hunyuan_image3 import (
-    HunyuanImage3Config,
     HunyuanImage3KVCache,
-    HunyuanImage3Transformer2DModel,
     load_transformer,
     load_vae_decoder,
 )
@@ -63,8 +61,9 @@ class HunyuanImage3PipelineOutput(BaseOutput):
 class HunyuanImage3Pipeline(DiffusionPipeline):
     """Prompt -> tokens -> transformer (denoising loop, flow-matching Euler) -> VAE decoder -> image."""
 
-    def __init__(self, transformer, vae, tokenizer, scheduler=None, generation_config: dict | None = None,
+    def __init__(self, transformer, vae, tokenizer, generation_config: dict | None = None,
                  checkpoint_path: str | None = None):
+        """The scheduler is made per call (flow-matching Euler with explicit shifted sigmas)."""
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
         self.generation_config = generation_config or {}
@@ -132,10 +131,6 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
-
-    @property
-    def config_model(self) -> HunyuanImage3Config:
-        return self.transformer.config
 
     # ---- the call ------------------------------------------------------------------------------------------
     def check_inputs(self, prompts, height, width, num_inference_steps, guidance_scale, output_type):
