@@ -18,8 +18,7 @@ from triton.testing import do_bench
 
 from omni_ep.config import ParallelConfig
 from omni_ep.distributed import destroy_parallel_state, init_parallel_state
-from omni_ep.layers.fused_moe import FusedMoE
-from omni_ep.models.hunyuan_image3.moe import HunyuanImage3SharedMLP
+from omni_ep.models.hunyuan_image3.moe import HunyuanFusedMoE, HunyuanImage3SharedMLP
 
 
 def main() -> None:
@@ -29,7 +28,7 @@ def main() -> None:
     args = p.parse_args()
     init_parallel_state(ParallelConfig())
     H, I, E, dev, dtype = 4096, 3072, 64, torch.device("cuda"), torch.bfloat16
-    experts = FusedMoE(E, 8, H, I, params_dtype=dtype).to(dev)
+    experts = HunyuanFusedMoE(num_experts=E, top_k=8, hidden_size=H, intermediate_size=I, params_dtype=dtype).to(dev)
     for w in (experts.w13_weight, experts.w2_weight):
         w.data.normal_(0, 0.02)
     rows = []
@@ -43,9 +42,11 @@ def main() -> None:
                 param.data.normal_(0, 0.02)
             ms = do_bench(lambda: mlp(x), return_mode="median")
             rows.append(dict(tokens=T, tp_share=tp, shared_mlp_ms=ms, routed_experts_ms=routed_ms,
+                             routed_layer=f"{type(experts).__name__} ({experts.experts.name} experts)",
                              shared_over_routed=ms / routed_ms))
     destroy_parallel_state()
-    print(f"{torch.cuda.get_device_name()} | shared MLP (I={I}) per-rank share vs routed experts (64 experts top-8), bf16")
+    print(f"{torch.cuda.get_device_name()} | shared MLP (I={I}) per-rank share vs routed experts "
+          f"(64 experts top-8, {rows[0]['routed_layer']}), bf16")
     print(f"{'tokens':>7s} {'share':>6s} {'shared ms':>10s} {'routed ms':>10s} {'shared/routed':>14s}")
     for r in rows:
         print(f"{r['tokens']:7d} {'1/' + str(r['tp_share']):>6s} {r['shared_mlp_ms']:10.3f} "
