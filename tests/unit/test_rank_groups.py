@@ -111,3 +111,11 @@ def test_bad_config_says_what_to_change(kw, match):
 def test_world_size_mismatch_message():
     with pytest.raises(ValueError, match="needs 4 processes .* but 2 were launched"):
         ParallelConfig(tensor_parallel_size=2, cfg_parallel_size=2).check_world_size(2)
+
+
+def test_row_chunks_cover_every_row_once():
+    from omni_ep.distributed.row_chunks import row_chunk
+
+    assert [row_chunk(10, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert [row_chunk(1, r, 2) for r in range(2)] == [(0, 1), (1, 1)]
+    assert [row_chunk(0, r, 2) for r in range(2)] == [(0, 0), (0, 0)]

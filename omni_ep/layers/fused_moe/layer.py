@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from omni_ep.distributed import get_ep_group, get_parallel_config, get_tp_group
+from omni_ep.distributed.row_chunks import row_chunk
 from omni_ep.layers.fused_moe.dispatch import get_dispatcher_cls
 from omni_ep.layers.fused_moe.expert_placement import (
     build_expert_map,
@@ -120,12 +121,6 @@ class FusedMoE(nn.Module):
         raise RuntimeError(f"no local-experts backend runs on {device} with {dtype}: {'; '.join(reasons)}")
 
     # ---- forward ---------------------------------------------------------------------------------------
-    def _tp_token_range(self, num_tokens: int) -> tuple[int, int]:
-        """Expert parallel with TP > 1: the chunk of the (identical) TP-replicated tokens this rank sends."""
-        base, extra = divmod(num_tokens, self.tp_size)
-        start = self.tp_rank * base + min(self.tp_rank, extra)
-        return start, start + base + (self.tp_rank < extra)
-
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """hidden_states [T, H] (or [..., H]), router_logits [T, E] -> routed output [T, H] (same shape as input).
 
@@ -141,7 +136,7 @@ class FusedMoE(nn.Module):
 
         start, end = (0, x_TH.shape[0])
         if self.use_ep and self.tp_size > 1:
-            start, end = self._tp_token_range(x_TH.shape[0])
+            start, end = row_chunk(x_TH.shape[0], self.tp_rank, self.tp_size)  # TP peers hold the same tokens
         dispatched = self.dispatcher.dispatch(x_TH[start:end], topk_ids_TK[start:end], topk_weights_TK[start:end])
         y_MH = self.experts.apply(
             dispatched.hidden_states, dispatched.topk_ids, dispatched.topk_weights, self.w13_weight, self.w2_weight

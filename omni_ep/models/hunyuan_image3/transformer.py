@@ -41,7 +41,7 @@ PLACEMENT = {
     "model.layers.*.mlp.experts.*.gate_and_up_proj.weight": "expert (owner EP rank; [up; gate] -> w13 [gate; up])",
     "model.layers.*.mlp.experts.*.down_proj.weight": "expert (owner EP rank) -> w2",
     "model.layers.*.mlp.gate.wg.weight": "replicated, fp32",
-    "model.layers.*.mlp.shared_mlp.*": "replicated (added on TP rank 0 before the one MoE all-reduce)",
+    "model.layers.*.mlp.shared_mlp.*": "replicated weights; each TP rank runs its 1/TP chunk of the tokens",
     "model.wte.weight": "replicated",
     "timestep_emb.* / time_embed.* / time_embed_2.* / patch_embed.* / final_layer.*": "replicated",
 }
