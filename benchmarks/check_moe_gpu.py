@@ -88,8 +88,19 @@ def main():
         ("EP=2 one-dot, plain grid", 2500, 32, H, I, bf16, "skewed", {
             "BLOCK_M": 128, "gate_up": {**default_config(4096)["gate_up"], "ONE_DOT": True, "PROGRAMS_PER_SM": 0},
             "down": {**default_config(4096)["down"], "PROGRAMS_PER_SM": 0}}),
+        ("EP=1 TMA, one-dot, sorted x", 3001, 64, H, I, bf16, "skewed", {
+            "BLOCK_M": 128, "gate_up": {**default_config(4096)["gate_up"], "TMA": True, "ONE_DOT": True,
+                                        "SORTED_X": True},
+            "down": {**default_config(4096)["down"], "TMA": True}}),
+        ("EP=4 TMA, plain grid, odd I", 1500, 16, H, 3000, bf16, "uniform", {
+            "BLOCK_M": 64, "gate_up": {**default_config(4096)["gate_up"], "TMA": True, "PROGRAMS_PER_SM": 0},
+            "down": {**default_config(4096)["down"], "TMA": True, "PROGRAMS_PER_SM": 0}}),
         ("fp16", 777, 16, H, I, torch.float16, "uniform", None),
         ("fp32 odd sizes", 65, 8, 200, 72, torch.float32, "skewed", None),
+        ("EP=2 TMA, warp-specialised", 2049, 32, H, I, bf16, "uniform", {
+            "BLOCK_M": 128, "gate_up": {**default_config(4096)["gate_up"], "num_stages": 3, "TMA": True,
+                                        "ONE_DOT": True, "SORTED_X": True, "WARP_SPECIALIZE": True},
+            "down": {**default_config(4096)["down"], "num_stages": 3, "TMA": True, "WARP_SPECIALIZE": True}}),
     ]
     results = [run_case(*case, generator=g) for case in cases]
     print(f"{sum(results)}/{len(results)} cases passed")

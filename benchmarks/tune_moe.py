@@ -50,27 +50,33 @@ def block_m_candidates(num_tokens: int) -> list[int]:
 
 def tile_candidates(block_m: int, gemm: str) -> list[dict]:
     """Tiles that fit Hopper's shared memory at this BLOCK_M; gate_up holds two B tiles (gate and up).
-    ONE_DOT: gate_up as one MMA twice as wide; PROGRAMS_PER_SM 0: a plain grid instead of a persistent one."""
+    ONE_DOT: gate_up as one MMA twice as wide; PROGRAMS_PER_SM 0: a plain grid instead of a persistent one;
+    TMA / SORTED_X / WARP_SPECIALIZE: see the kernels' docstrings."""
     if block_m <= 32:
         return [tile(64, 128, 1, 4, 4), tile(128, 128, 1, 4, 3), tile(64, 64, 1, 4, 5), tile(128, 64, 1, 4, 4),
                 tile(32, 128, 1, 4, 4)]
     if block_m == 64:
         if gemm == "gate_up":
             return [tile(128, 64, 8, 4, 4), tile(128, 64, 8, 8, 4), tile(64, 128, 8, 4, 3), tile(64, 64, 8, 4, 5),
-                    tile(128, 64, 8, 4, 4, ONE_DOT=True)]
+                    tile(128, 64, 8, 4, 4, ONE_DOT=True), tile(128, 64, 8, 4, 4, TMA=True),
+                    tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True)]
         return [tile(128, 64, 8, 4, 4), tile(256, 64, 8, 8, 4), tile(128, 128, 8, 4, 3), tile(256, 64, 8, 8, 3),
-                tile(128, 64, 8, 4, 4, PROGRAMS_PER_SM=2)]
-    # BLOCK_M 128. Half-width tiles with a 3-deep pipeline need under half the shared memory, so two
-    # programs share an SM and one's epilogue overlaps the other's main loop.
+                tile(128, 64, 8, 4, 4, PROGRAMS_PER_SM=2), tile(256, 64, 8, 8, 4, TMA=True),
+                tile(128, 64, 8, 4, 4, TMA=True)]
+    # BLOCK_M 128: 128 x 256 x 64 tiles (gate_up: 128 gate + 128 up columns), pointer loads (cp.async) or the
+    # copy engine (TMA), persistent or plain grid, 3-4 stages.
     if gemm == "gate_up":
-        return [tile(128, 64, 8, 8, 3), tile(128, 64, 8, 8, 4), tile(128, 64, 16, 8, 4),
-                tile(128, 64, 8, 8, 3, ONE_DOT=True), tile(128, 64, 8, 8, 4, ONE_DOT=True),
-                tile(128, 64, 8, 8, 3, PROGRAMS_PER_SM=0),
-                tile(64, 64, 8, 4, 3, ONE_DOT=True, PROGRAMS_PER_SM=2),
-                tile(64, 64, 8, 8, 3, ONE_DOT=True, PROGRAMS_PER_SM=2)]
-    return [tile(256, 64, 8, 8, 3), tile(256, 64, 8, 8, 4), tile(256, 64, 16, 8, 3), tile(128, 64, 8, 8, 4),
-            tile(256, 64, 8, 8, 3, PROGRAMS_PER_SM=0),
-            tile(128, 64, 8, 4, 3, PROGRAMS_PER_SM=2), tile(128, 64, 8, 8, 3, PROGRAMS_PER_SM=2)]
+        return [tile(128, 64, 8, 8, 3, ONE_DOT=True), tile(128, 64, 8, 8, 4, ONE_DOT=True),
+                tile(128, 64, 8, 8, 3, TMA=True), tile(128, 64, 8, 8, 4, TMA=True),
+                tile(128, 64, 8, 8, 3, TMA=True, ONE_DOT=True), tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True),
+                tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True, PROGRAMS_PER_SM=0),
+                tile(128, 64, 8, 8, 4, TMA=True, SORTED_X=True),
+                tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True, SORTED_X=True),
+                tile(128, 64, 8, 8, 3, TMA=True, ONE_DOT=True, SORTED_X=True, WARP_SPECIALIZE=True)]
+    return [tile(256, 64, 8, 8, 3), tile(256, 64, 8, 8, 4),
+            tile(256, 64, 8, 8, 3, TMA=True), tile(256, 64, 8, 8, 4, TMA=True), tile(256, 64, 16, 8, 4, TMA=True),
+            tile(256, 64, 8, 8, 4, TMA=True, PROGRAMS_PER_SM=0), tile(128, 64, 8, 8, 4, TMA=True),
+            tile(128, 128, 8, 8, 3, TMA=True), tile(256, 64, 8, 8, 3, TMA=True, WARP_SPECIALIZE=True)]
 
 
 def time_ms(fn) -> float:
@@ -81,11 +87,11 @@ def time_ms(fn) -> float:
         return float("inf")
 
 
-def tune_point(x, ids, weights, w13, w2, num_sms: int, verbose: bool) -> tuple[dict, float]:
+def tune_point(x, ids, weights, w13, w2, num_sms: int, verbose: bool, block_ms=None) -> tuple[dict, float]:
     """Best {BLOCK_M, gate_up, down} for one routing, and its gate_up + down time in ms."""
     best, best_ms = None, float("inf")
     top_k = ids.shape[1]
-    for block_m in block_m_candidates(x.shape[0]):
+    for block_m in block_ms or block_m_candidates(x.shape[0]):
         align = align_pairs_to_blocks(ids, w13.shape[0], block_m)
         chosen = {}
         total = 0.0
@@ -118,6 +124,7 @@ def main():
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--verbose", action="store_true", help="print every candidate's time")
+    p.add_argument("--block-m", type=int, nargs="+", default=None, help="only these BLOCK_M (default: by M)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -135,7 +142,7 @@ def main():
         for m in args.tokens:
             x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=generator)
             ids, weights = ep_routing(m, num_local, args.top_k, "cuda", generator)
-            cfg, ms = tune_point(x, ids, weights, w13, w2, num_sms, args.verbose)
+            cfg, ms = tune_point(x, ids, weights, w13, w2, num_sms, args.verbose, args.block_m)
             flops = 2 * 3 * H * I * int((ids >= 0).sum())
             print(f"E={num_local} M={m}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s GEMMs only) {cfg}", flush=True)
             table[str(m)] = cfg

@@ -36,6 +36,13 @@ def _tile(block_n, block_k, group_m=1, **extra):
 SMALL_TILES = {"BLOCK_M": 16, "gate_up": _tile(16, 32, 2), "down": _tile(32, 16)}
 ONE_DOT_PLAIN_GRID = {"BLOCK_M": 32, "gate_up": _tile(16, 16, 1, ONE_DOT=True, PROGRAMS_PER_SM=0),
                       "down": _tile(16, 32, 2, PROGRAMS_PER_SM=0)}
+# Tensor-descriptor (TMA) loads; the odd-size case below makes the last N block read past the gate rows and the
+# K blocks run past H, which the descriptors must fill with zeros.
+TMA_TILES = {"BLOCK_M": 16, "gate_up": _tile(16, 32, 2, TMA=True), "down": _tile(32, 16, TMA=True)}
+TMA_SORTED_X = {"BLOCK_M": 16, "gate_up": _tile(32, 16, 2, TMA=True, SORTED_X=True, WARP_SPECIALIZE=True),
+                "down": _tile(16, 32, 1, TMA=True, WARP_SPECIALIZE=True, PROGRAMS_PER_SM=0)}
+TMA_ONE_DOT = {"BLOCK_M": 32, "gate_up": _tile(16, 16, 2, TMA=True, ONE_DOT=True, SORTED_X=True),
+               "down": _tile(32, 32, 2, TMA=True)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,6 +131,17 @@ def _case_odd_sizes_strided_default_config(gen):
     return _compare(TritonExperts().apply(x, ids.long(), w, w13, w2), x, ids, w, w13, w2)
 
 
+def _case_odd_sizes_tma(gen, config):
+    """H = 40 and I = 24 (not tile multiples): TMA reads past the tile edges; x a row-strided view."""
+    M, K, E, H, I = 29, 3, 5, 40, 24
+    x = torch.randn(M, H + 8, generator=gen)[:, :H]
+    w13, w2 = _weights(E, H, I, gen)
+    ids, w = _routing(M, K, E, gen)
+    from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
+
+    return _compare(TritonExperts(config).apply(x, ids, w, w13, w2), x, ids, w, w13, w2)
+
+
 def _case_out_of_range_ids_are_not_local(gen):
     M, K, E, H, I = 12, 3, 4, 32, 16
     x = torch.randn(M, H, generator=gen)
@@ -174,6 +192,11 @@ def _case_bad_shapes_raise(gen):
 CASES = {
     "uniform_ep_slots": _case_uniform,
     "uniform_one_dot_plain_grid": lambda g: _case_uniform(g, ONE_DOT_PLAIN_GRID),
+    "uniform_tma": lambda g: _case_uniform(g, TMA_TILES),
+    "uniform_tma_sorted_x": lambda g: _case_uniform(g, TMA_SORTED_X),
+    "odd_sizes_tma": lambda g: _case_odd_sizes_tma(g, TMA_TILES),
+    "odd_sizes_tma_sorted_x": lambda g: _case_odd_sizes_tma(g, TMA_SORTED_X),
+    "odd_sizes_tma_one_dot": lambda g: _case_odd_sizes_tma(g, TMA_ONE_DOT),
     "skewed_empty_experts": _case_skewed_empty_experts,
     "no_local_slot": _case_no_local_slot,
     "one_token": _case_one_token,

@@ -1,7 +1,9 @@
 """GEMM 2 of the local experts: down projection, times the routing weight, written back to the pair's slot.
 
 y[p, :] = w[p] * (h[r] @ w2[e].T) for row r holding pair p = m*K + k: the un-permute is the store address,
-so no sorted copy of the output is kept. Rows of pairs that are not local are never written.
+so no sorted copy of the output is kept. Rows of pairs that are not local are never written. With the TMA
+config flag both operand tiles are read by the copy engine through tensor descriptors (Hopper and later),
+and WARP_SPECIALIZE asks Triton to warp-specialise the K loop.
 
 Shape legend: M tokens, K top-k slots, P = M*K pairs, H hidden, I intermediate, E local experts,
 R padded sorted rows (see align.py).
@@ -14,17 +16,23 @@ import triton
 import triton.language as tl
 
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
-from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import grouped_tile, load_k_step, persistent_programs
+from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import (
+    grouped_tile,
+    load_k_step,
+    persistent_programs,
+    tma_descriptor,
+    tma_fits,
+)
 
 
 @triton.jit
 def _down_unpermute_kernel(
-    h_ptr, w2_ptr, y_ptr, topk_weights_ptr,
+    h_ptr, h_desc, w2_ptr, w_desc, y_ptr, topk_weights_ptr,
     sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, H, I,
     stride_hm, stride_we, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     num_m_blocks = tl.load(num_padded_ptr) // BLOCK_M
     num_n_blocks = tl.cdiv(H, BLOCK_N)
@@ -33,17 +41,26 @@ def _down_unpermute_kernel(
         expert = tl.load(block_expert_ptr + m_block).to(tl.int64)
         rows = (m_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        w_cols = cols % H
-        ks = tl.arange(0, BLOCK_K)
-        h_ptrs = h_ptr + rows[:, None] * stride_hm + ks[None, :]
-        w_ptrs = w2_ptr + expert * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(I, BLOCK_K)):
-            a = load_k_step(h_ptrs, ks, I - k * BLOCK_K, EVEN_K, 1)
-            b = load_k_step(w_ptrs, ks, I - k * BLOCK_K, EVEN_K, 0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            h_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        if TMA:
+            # Rows of the [E*H, I] weight view; a last partial N block reads the next expert's rows (or
+            # zeros past the end), and its columns are not stored.
+            w_row = (expert * H).to(tl.int32) + n_block * BLOCK_N
+            for k in tl.range(0, tl.cdiv(I, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
+                a = h_desc.load([m_block * BLOCK_M, k * BLOCK_K])
+                b = w_desc.load([w_row, k * BLOCK_K])
+                acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+        else:
+            w_cols = cols % H
+            ks = tl.arange(0, BLOCK_K)
+            h_ptrs = h_ptr + rows[:, None] * stride_hm + ks[None, :]
+            w_ptrs = w2_ptr + expert * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
+            for k in range(0, tl.cdiv(I, BLOCK_K)):
+                a = load_k_step(h_ptrs, ks, I - k * BLOCK_K, EVEN_K, 1)
+                b = load_k_step(w_ptrs, ks, I - k * BLOCK_K, EVEN_K, 0)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                h_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
         pair = tl.load(sorted_pair_ptr + rows)
         is_pair = pair < num_pairs
         weight = tl.load(topk_weights_ptr + pair, mask=is_pair, other=0.0).to(tl.float32)
@@ -59,21 +76,27 @@ def down_unpermute(
     """h [R, I] sorted rows, w2 [E, H, I], topk_weights [M, K] -> y [P, H], row m*K+k for slot k of token m.
 
     Rows of slots whose expert is not local are left unwritten (uninitialised): read them through the ids.
+    The TMA flag falls back to pointer loads where the copy engine cannot read the tensors (see tma_fits).
     """
     I = h_RI.shape[1]
-    H = w2_EHI.shape[1]
+    E, H, _ = w2_EHI.shape
+    block_m, block_n, block_k = align.block_m, config["BLOCK_N"], config["BLOCK_K"]
     weights_P = topk_weights_MK.reshape(-1)
     if not weights_P.is_contiguous():
         weights_P = weights_P.contiguous()
     y_PH = torch.empty(align.num_pairs, H, dtype=h_RI.dtype, device=h_RI.device)
-    programs = persistent_programs(align.block_expert_B.numel(), triton.cdiv(H, config["BLOCK_N"]), config, num_sms)
+    tma = config.get("TMA", False) and w2_EHI.is_contiguous() and tma_fits(h_RI, w2_EHI)
+    h_desc = tma_descriptor(h_RI, block_m, block_k) if tma else None
+    w_desc = tma_descriptor(w2_EHI.view(E * H, I), block_n, block_k) if tma else None
+    programs = persistent_programs(align.block_expert_B.numel(), triton.cdiv(H, block_n), config, num_sms)
     _down_unpermute_kernel[(programs,)](
-        h_RI, w2_EHI, y_PH, weights_P,
+        h_RI, h_desc, w2_EHI, w_desc, y_PH, weights_P,
         align.sorted_pair_R, align.block_expert_B, align.num_padded_rows,
         align.num_pairs, H, I,
         h_RI.stride(0), w2_EHI.stride(0), w2_EHI.stride(1), y_PH.stride(0),
-        BLOCK_M=align.block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
-        EVEN_K=I % config["BLOCK_K"] == 0, DOT_PRECISION="ieee" if h_RI.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
+        EVEN_K=I % block_k == 0, DOT_PRECISION="ieee" if h_RI.dtype == torch.float32 else "tf32",
+        TMA=tma, WARP_SPECIALIZE=tma and config.get("WARP_SPECIALIZE", False),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return y_PH

@@ -1,9 +1,13 @@
 """GEMM 1 of the local experts: gather the tokens, multiply by each expert's gate and up rows, SwiGLU.
 
 h[r, :] = silu(x[t] @ w13[e, :I].T) * (x[t] @ w13[e, I:].T) for row r of the expert-sorted layout,
-t = sorted_pair[r] // K its token and e its block's expert. With ONE_DOT the gate and up weight rows are
-loaded interleaved into one tile, so each K step is one MMA twice as wide. Persistent: a program per SM loops
-over the tiles, whose number it reads from the device (no host sync).
+t = sorted_pair[r] // K its token and e its block's expert. Persistent: a program per SM loops over the tiles,
+whose number it reads from the device (no host sync). Operand loads, by config flag:
+  default   x rows gathered and weight tiles read by pointer (cp.async);
+  ONE_DOT   the gate and up weight rows loaded into one tile: one MMA twice as wide per K step;
+  TMA       weight tiles read by the copy engine through a tensor descriptor (Hopper and later);
+  SORTED_X  (with TMA) x first copied into expert-sorted rows [R, H], so its tiles are TMA reads too;
+  WARP_SPECIALIZE  (with SORTED_X) Triton's automatic warp specialisation of the K loop.
 
 Shape legend: M tokens, H hidden, I intermediate, E local experts, R padded sorted rows (see align.py).
 """
@@ -15,36 +19,95 @@ import triton
 import triton.language as tl
 
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
-from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import grouped_tile, load_k_step, persistent_programs
+from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import (
+    grouped_tile,
+    load_k_step,
+    persistent_programs,
+    tma_descriptor,
+    tma_fits,
+)
+
+
+@triton.jit
+def _gather_sorted_rows_kernel(x_ptr, x_sorted_ptr, sorted_pair_ptr, num_padded_ptr, num_pairs, top_k, H,
+                               stride_xm, stride_sm, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """x_sorted[r] = x[sorted_pair[r] // K] for the rows in use; padding rows get token 0 (never stored later)."""
+    m_block = tl.program_id(0)
+    if m_block * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ptr + rows)
+    token = tl.where(pair < num_pairs, pair // top_k, 0).to(tl.int64)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        in_h = (cols < H)[None, :]
+        v = tl.load(x_ptr + token[:, None] * stride_xm + cols[None, :], mask=in_h)
+        tl.store(x_sorted_ptr + rows[:, None].to(tl.int64) * stride_sm + cols[None, :], v, mask=in_h)
+
+
+@triton.jit
+def _a_tile(x_ptrs, x_desc, row0, k, ks, k_left, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+            SORTED_X: tl.constexpr):
+    """K step k of the [BLOCK_M, BLOCK_K] activation tile: a TMA read of sorted rows, or a pointer gather."""
+    if SORTED_X:
+        a = x_desc.load([row0, k * BLOCK_K])
+    else:
+        a = load_k_step(x_ptrs + k * BLOCK_K, ks, k_left, EVEN_K, 1)
+    return a
 
 
 @triton.jit
 def _gate_up_swiglu_kernel(
-    x_ptr, w13_ptr, h_ptr,
+    x_ptr, x_desc, w13_ptr, w_desc, h_ptr,
     sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, top_k, H, I,
     stride_xm, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_DOT: tl.constexpr, TMA: tl.constexpr,
+    SORTED_X: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     num_m_blocks = tl.load(num_padded_ptr) // BLOCK_M
     num_n_blocks = tl.cdiv(I, BLOCK_N)
     for tile in range(tl.program_id(0), num_m_blocks * num_n_blocks, tl.num_programs(0)):
         m_block, n_block = grouped_tile(tile, num_m_blocks, num_n_blocks, GROUP_M)
         expert = tl.load(block_expert_ptr + m_block).to(tl.int64)
-        rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(sorted_pair_ptr + rows)
-        # Padding rows read token 0; GEMM 2 never stores them.
-        token = tl.where(pair < num_pairs, pair // top_k, 0).to(tl.int64)
+        row0 = m_block * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
         cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + token[:, None] * stride_xm + ks[None, :]
-        w_base = w13_ptr + expert * stride_we + ks[:, None]
-        if ONE_DOT:
+        if SORTED_X:
+            x_ptrs = x_ptr
+        else:
+            pair = tl.load(sorted_pair_ptr + rows)
+            # Padding rows read token 0; GEMM 2 never stores them.
+            token = tl.where(pair < num_pairs, pair // top_k, 0).to(tl.int64)
+            x_ptrs = x_ptr + token[:, None] * stride_xm + ks[None, :]
+        if TMA and ONE_DOT:
+            # w_desc views w13 as [2E, I, H]: one [2, BLOCK_N, BLOCK_K] read holds the gate rows, then the up
+            # rows (zeros past I), a single MMA twice as wide per K step.
+            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+            for k in tl.range(0, tl.cdiv(H, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
+                a = _a_tile(x_ptrs, x_desc, row0, k, ks, H - k * BLOCK_K, BLOCK_K, EVEN_K, SORTED_X)
+                b = w_desc.load([(2 * expert).to(tl.int32), n_block * BLOCK_N, k * BLOCK_K])
+                acc = tl.dot(a, tl.reshape(b, (2 * BLOCK_N, BLOCK_K)).T, acc, input_precision=DOT_PRECISION)
+            acc_gate, acc_up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+        elif TMA:
+            # Rows of the [E*2I, H] weight view; a last partial N block reads neighbouring rows (or zeros past
+            # the end), and its columns are not stored.
+            gate_row = (expert * 2 * I).to(tl.int32) + n_block * BLOCK_N
+            acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in tl.range(0, tl.cdiv(H, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
+                a = _a_tile(x_ptrs, x_desc, row0, k, ks, H - k * BLOCK_K, BLOCK_K, EVEN_K, SORTED_X)
+                g = w_desc.load([gate_row, k * BLOCK_K])
+                u = w_desc.load([gate_row + I, k * BLOCK_K])
+                acc_gate = tl.dot(a, g.T, acc_gate, input_precision=DOT_PRECISION)
+                acc_up = tl.dot(a, u.T, acc_up, input_precision=DOT_PRECISION)
+        elif ONE_DOT:
             # One [BLOCK_K, 2*BLOCK_N] weight tile, gate and up rows interleaved: a single wide MMA per step.
             j = tl.arange(0, 2 * BLOCK_N)
             w_rows = (j % 2) * I + (n_block * BLOCK_N + j // 2) % I
-            gate_up_ptrs = w_base + w_rows[None, :] * stride_wn
+            gate_up_ptrs = w13_ptr + expert * stride_we + ks[:, None] + w_rows[None, :] * stride_wn
             acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
             for k in range(0, tl.cdiv(H, BLOCK_K)):
                 a = load_k_step(x_ptrs, ks, H - k * BLOCK_K, EVEN_K, 1)
@@ -55,7 +118,7 @@ def _gate_up_swiglu_kernel(
             acc_gate, acc_up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
         else:
             w_cols = cols % I  # wrap instead of masking the weight loads; wrapped columns are not stored
-            gate_ptrs = w_base + w_cols[None, :] * stride_wn
+            gate_ptrs = w13_ptr + expert * stride_we + ks[:, None] + w_cols[None, :] * stride_wn
             up_ptrs = gate_ptrs + I * stride_wn
             acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -73,22 +136,48 @@ def _gate_up_swiglu_kernel(
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=cols[None, :] < I)
 
 
+def gather_sorted_rows(x_MH: torch.Tensor, align: BlockAlignment, top_k: int) -> torch.Tensor:
+    """x [M, H] -> x_sorted [R, H]: row r holds its pair's token; rows past num_padded_rows stay unwritten."""
+    H = x_MH.shape[1]
+    x_RH = torch.empty(align.sorted_pair_R.numel(), H, dtype=x_MH.dtype, device=x_MH.device)
+    block_h = min(512, triton.next_power_of_2(H))
+    _gather_sorted_rows_kernel[(align.block_expert_B.numel(),)](
+        x_MH, x_RH, align.sorted_pair_R, align.num_padded_rows, align.num_pairs, top_k, H,
+        x_MH.stride(0), x_RH.stride(0), BLOCK_M=align.block_m, BLOCK_H=block_h,
+    )
+    return x_RH
+
+
 def gate_up_swiglu(
     x_MH: torch.Tensor, w13_E2IH: torch.Tensor, align: BlockAlignment, top_k: int, config: dict, num_sms: int
 ) -> torch.Tensor:
-    """x [M, H], w13 [E, 2I, H] (gate rows, then up rows) -> h [R, I] in the expert-sorted row layout."""
-    H = x_MH.shape[1]
-    I = w13_E2IH.shape[1] // 2
+    """x [M, H], w13 [E, 2I, H] (gate rows, then up rows) -> h [R, I] in the expert-sorted row layout.
+
+    The TMA flags fall back to pointer loads where the copy engine cannot read the tensors (see tma_fits)."""
+    E, two_I, H = w13_E2IH.shape
+    I = two_I // 2
+    block_n, block_k, block_m = config["BLOCK_N"], config["BLOCK_K"], align.block_m
     h_RI = torch.empty(align.sorted_pair_R.numel(), I, dtype=x_MH.dtype, device=x_MH.device)
-    programs = persistent_programs(align.block_expert_B.numel(), triton.cdiv(I, config["BLOCK_N"]), config, num_sms)
+    tma = config.get("TMA", False) and w13_E2IH.is_contiguous() and tma_fits(x_MH, w13_E2IH)
+    sorted_x = tma and config.get("SORTED_X", False)
+    x, x_desc, w_desc = x_MH, None, None
+    if tma and config.get("ONE_DOT", False):
+        w_desc = tma_descriptor(w13_E2IH.view(2 * E, I, H), 2, block_n, block_k)
+    elif tma:
+        w_desc = tma_descriptor(w13_E2IH.view(E * two_I, H), block_n, block_k)
+    if sorted_x:
+        x = gather_sorted_rows(x_MH, align, top_k)
+        x_desc = tma_descriptor(x, block_m, block_k)
+    programs = persistent_programs(align.block_expert_B.numel(), triton.cdiv(I, block_n), config, num_sms)
     _gate_up_swiglu_kernel[(programs,)](
-        x_MH, w13_E2IH, h_RI,
+        x, x_desc, w13_E2IH, w_desc, h_RI,
         align.sorted_pair_R, align.block_expert_B, align.num_padded_rows,
         align.num_pairs, top_k, H, I,
-        x_MH.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1), h_RI.stride(0),
-        BLOCK_M=align.block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
-        EVEN_K=H % config["BLOCK_K"] == 0, DOT_PRECISION="ieee" if x_MH.dtype == torch.float32 else "tf32",
-        ONE_DOT=config.get("ONE_DOT", False),
+        x.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1), h_RI.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
+        EVEN_K=H % block_k == 0, DOT_PRECISION="ieee" if x_MH.dtype == torch.float32 else "tf32",
+        ONE_DOT=config.get("ONE_DOT", False), TMA=tma, SORTED_X=sorted_x,
+        WARP_SPECIALIZE=sorted_x and config.get("WARP_SPECIALIZE", False),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return h_RI

@@ -1,5 +1,6 @@
-"""Tile order, program count and K-step loads shared by the persistent expert GEMMs."""
+"""Tile order, program count, K-step loads and tensor descriptors shared by the persistent expert GEMMs."""
 
+import torch
 import triton
 import triton.language as tl
 
@@ -35,3 +36,22 @@ def load_k_step(ptrs, ks, k_left, EVEN_K: tl.constexpr, K_AXIS: tl.constexpr):
     else:
         tile = tl.load(ptrs, mask=(ks < k_left)[None, :], other=0.0)
     return tile
+
+
+def tma_fits(*tensors: torch.Tensor) -> bool:
+    """Whether the copy engine (TMA) can read these tensors: a CUDA device of compute capability 9 or more
+    (or the interpreter), 16-byte aligned base addresses and row strides, unit stride along the last axis."""
+    for t in tensors:
+        if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+            return False
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def tma_descriptor(t: torch.Tensor, *block_shape: int):
+    """A host-side tensor descriptor over t that loads tiles of block_shape; reads past the end along any
+    axis come back as zeros."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, list(block_shape))
