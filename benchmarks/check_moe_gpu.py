@@ -101,6 +101,13 @@ def main():
             "BLOCK_M": 128, "gate_up": {**default_config(4096)["gate_up"], "num_stages": 3, "TMA": True,
                                         "ONE_DOT": True, "SORTED_X": True, "WARP_SPECIALIZE": True},
             "down": {**default_config(4096)["down"], "num_stages": 3, "TMA": True, "WARP_SPECIALIZE": True}}),
+        ("EP=1 TMA half tiles 8194", 8194, 64, H, I, bf16, "uniform", {
+            "BLOCK_M": 128, "gate_up": {**default_config(4096)["gate_up"], "num_stages": 3, "TMA": True,
+                                        "ONE_DOT": True, "HALF_TILES": True},
+            "down": {**default_config(4096)["down"], "num_stages": 3, "TMA": True, "HALF_TILES": True}}),
+        ("EP=2 half tiles, pointer, skewed", 3001, 32, H, I, bf16, "skewed", {
+            "BLOCK_M": 128, "gate_up": {**default_config(4096)["gate_up"], "ONE_DOT": True, "HALF_TILES": True},
+            "down": {**default_config(4096)["down"], "HALF_TILES": True}}),
     ]
     results = [run_case(*case, generator=g) for case in cases]
     print(f"{sum(results)}/{len(results)} cases passed")

@@ -51,7 +51,7 @@ def block_m_candidates(num_tokens: int) -> list[int]:
 def tile_candidates(block_m: int, gemm: str) -> list[dict]:
     """Tiles that fit Hopper's shared memory at this BLOCK_M; gate_up holds two B tiles (gate and up).
     ONE_DOT: gate_up as one MMA twice as wide; PROGRAMS_PER_SM 0: a plain grid instead of a persistent one;
-    TMA / SORTED_X / WARP_SPECIALIZE: see the kernels' docstrings."""
+    TMA / SORTED_X / WARP_SPECIALIZE / HALF_TILES: see the kernels' docstrings."""
     if block_m <= 32:
         return [tile(64, 128, 1, 4, 4), tile(128, 128, 1, 4, 3), tile(64, 64, 1, 4, 5), tile(128, 64, 1, 4, 4),
                 tile(32, 128, 1, 4, 4)]
@@ -72,11 +72,14 @@ def tile_candidates(block_m: int, gemm: str) -> list[dict]:
                 tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True, PROGRAMS_PER_SM=0),
                 tile(128, 64, 8, 8, 4, TMA=True, SORTED_X=True),
                 tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True, SORTED_X=True),
-                tile(128, 64, 8, 8, 3, TMA=True, ONE_DOT=True, SORTED_X=True, WARP_SPECIALIZE=True)]
+                tile(128, 64, 8, 8, 3, TMA=True, ONE_DOT=True, SORTED_X=True, WARP_SPECIALIZE=True),
+                tile(128, 64, 8, 8, 3, TMA=True, ONE_DOT=True, HALF_TILES=True),
+                tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True, HALF_TILES=True)]
     return [tile(256, 64, 8, 8, 3), tile(256, 64, 8, 8, 4),
             tile(256, 64, 8, 8, 3, TMA=True), tile(256, 64, 8, 8, 4, TMA=True), tile(256, 64, 16, 8, 4, TMA=True),
             tile(256, 64, 8, 8, 4, TMA=True, PROGRAMS_PER_SM=0), tile(128, 64, 8, 8, 4, TMA=True),
-            tile(128, 128, 8, 8, 3, TMA=True), tile(256, 64, 8, 8, 3, TMA=True, WARP_SPECIALIZE=True)]
+            tile(128, 128, 8, 8, 3, TMA=True), tile(256, 64, 8, 8, 3, TMA=True, WARP_SPECIALIZE=True),
+            tile(256, 64, 8, 8, 3, TMA=True, HALF_TILES=True), tile(256, 64, 8, 8, 4, TMA=True, HALF_TILES=True)]
 
 
 def time_ms(fn) -> float:

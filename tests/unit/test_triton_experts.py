@@ -41,6 +41,11 @@ ONE_DOT_PLAIN_GRID = {"BLOCK_M": 32, "gate_up": _tile(16, 16, 1, ONE_DOT=True, P
 TMA_TILES = {"BLOCK_M": 16, "gate_up": _tile(16, 32, 2, TMA=True), "down": _tile(32, 16, TMA=True)}
 TMA_SORTED_X = {"BLOCK_M": 16, "gate_up": _tile(32, 16, 2, TMA=True, SORTED_X=True, WARP_SPECIALIZE=True),
                 "down": _tile(16, 32, 1, TMA=True, WARP_SPECIALIZE=True, PROGRAMS_PER_SM=0)}
+# Half tiles: a row block whose second half is all padding is multiplied as a BLOCK_M/2 tile.
+HALF_TILES = {"BLOCK_M": 32, "gate_up": _tile(16, 16, 2, HALF_TILES=True),
+              "down": _tile(32, 16, 1, HALF_TILES=True)}
+HALF_TILES_TMA_ONE_DOT = {"BLOCK_M": 32, "gate_up": _tile(16, 32, 2, TMA=True, ONE_DOT=True, HALF_TILES=True),
+                          "down": _tile(16, 32, 2, TMA=True, HALF_TILES=True)}
 TMA_ONE_DOT = {"BLOCK_M": 32, "gate_up": _tile(16, 16, 2, TMA=True, ONE_DOT=True, SORTED_X=True),
                "down": _tile(32, 32, 2, TMA=True)}
 
@@ -142,6 +147,24 @@ def _case_odd_sizes_tma(gen, config):
     return _compare(TritonExperts(config).apply(x, ids, w, w13, w2), x, ids, w, w13, w2)
 
 
+def _case_half_tiles(gen, config):
+    """Expert loads 10, 16, 20, 40, 0, 33 rows at BLOCK_M 32: tails in the first half (10, 16, 40 -> 8) take
+    the half-tile path, the others the full one; H = 40 also makes TMA K steps run past the end."""
+    counts = [10, 16, 20, 40, 0, 33]
+    E, K, H, I = len(counts), 2, 40, 32
+    slots = torch.cat([torch.full((n,), e) for e, n in enumerate(counts)])
+    slots = slots[torch.randperm(slots.numel(), generator=gen)]
+    M = slots.numel()  # one local slot per token, the other slot non-local
+    ids = torch.stack([slots, torch.full((M,), -1)], 1)
+    ids = torch.where(torch.rand(M, generator=gen)[:, None] < 0.5, ids, ids.flip(1))
+    x = torch.randn(M, H, generator=gen)
+    w13, w2 = _weights(E, H, I, gen)
+    w = torch.rand(M, K, generator=gen)
+    from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
+
+    return _compare(TritonExperts(config).apply(x, ids, w, w13, w2), x, ids, w, w13, w2)
+
+
 def _case_out_of_range_ids_are_not_local(gen):
     M, K, E, H, I = 12, 3, 4, 32, 16
     x = torch.randn(M, H, generator=gen)
@@ -155,10 +178,11 @@ def _case_out_of_range_ids_are_not_local(gen):
 
 
 def _case_alignment_layout(gen):
-    """Every local pair once, inside its expert's padded block range; padding rows hold the sentinel P."""
+    """Every local pair once, inside its expert's padded block range; padding rows hold the sentinel P.
+    2400 pairs: several programs of the counting and placing kernels."""
     from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks
 
-    M, K, E, block_m = 70, 4, 6, 16
+    M, K, E, block_m = 600, 4, 6, 16
     ids, _ = _routing(M, K, E, gen)
     ids[ids == 2] = -1  # an expert with no pair
     a = align_pairs_to_blocks(ids, E, block_m)
@@ -197,6 +221,9 @@ CASES = {
     "odd_sizes_tma": lambda g: _case_odd_sizes_tma(g, TMA_TILES),
     "odd_sizes_tma_sorted_x": lambda g: _case_odd_sizes_tma(g, TMA_SORTED_X),
     "odd_sizes_tma_one_dot": lambda g: _case_odd_sizes_tma(g, TMA_ONE_DOT),
+    "half_tiles": lambda g: _case_half_tiles(g, HALF_TILES),
+    "half_tiles_tma_one_dot": lambda g: _case_half_tiles(g, HALF_TILES_TMA_ONE_DOT),
+    "uniform_half_tiles": lambda g: _case_uniform(g, HALF_TILES),
     "skewed_empty_experts": _case_skewed_empty_experts,
     "no_local_slot": _case_no_local_slot,
     "one_token": _case_one_token,

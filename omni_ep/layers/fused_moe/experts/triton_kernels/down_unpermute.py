@@ -3,7 +3,8 @@
 y[p, :] = w[p] * (h[r] @ w2[e].T) for row r holding pair p = m*K + k: the un-permute is the store address,
 so no sorted copy of the output is kept. Rows of pairs that are not local are never written. With the TMA
 config flag both operand tiles are read by the copy engine through tensor descriptors (Hopper and later),
-and WARP_SPECIALIZE asks Triton to warp-specialise the K loop.
+and WARP_SPECIALIZE asks Triton to warp-specialise the K loop. With HALF_TILES a row block whose lower half is
+all padding (the tail of an expert's rows) is multiplied as a BLOCK_M/2 tile: half the MMA work there.
 
 Shape legend: M tokens, K top-k slots, P = M*K pairs, H hidden, I intermediate, E local experts,
 R padded sorted rows (see align.py).
@@ -18,55 +19,78 @@ import triton.language as tl
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
 from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import (
     grouped_tile,
-    load_k_step,
     persistent_programs,
+    pointer_k_loop,
     tma_descriptor,
     tma_fits,
 )
 
 
 @triton.jit
+def _down_tile(
+    h_ptr, h_desc, w2_ptr, w_desc, y_ptr, topk_weights_ptr, sorted_pair_ptr,
+    expert, row0, n_block, num_pairs, H, I,
+    stride_hm, stride_we, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] output tile: sorted rows row0.. of expert `expert`, columns of n_block."""
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if TMA:
+        # Rows of the [E*H, I] weight view; a last partial N block reads the next expert's rows (or
+        # zeros past the end), and its columns are not stored.
+        w_row = (expert * H).to(tl.int32) + n_block * BLOCK_N
+        for k in tl.range(0, tl.cdiv(I, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
+            a = h_desc.load([row0, k * BLOCK_K])
+            b = w_desc.load([w_row, k * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+    else:
+        w_cols = cols % H
+        ks = tl.arange(0, BLOCK_K)
+        h_ptrs = h_ptr + rows[:, None] * stride_hm + ks[None, :]
+        w_ptrs = w2_ptr + expert * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
+        acc = pointer_k_loop(h_ptrs, w_ptrs, ks, I, acc, BLOCK_K, EVEN_K, DOT_PRECISION)
+    pair = tl.load(sorted_pair_ptr + rows)
+    is_pair = pair < num_pairs
+    weight = tl.load(topk_weights_ptr + pair, mask=is_pair, other=0.0).to(tl.float32)
+    y = acc * weight[:, None]
+    y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + cols[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=is_pair[:, None] & (cols[None, :] < H))
+
+
+@triton.jit
 def _down_unpermute_kernel(
-    h_ptr, h_desc, w2_ptr, w_desc, y_ptr, topk_weights_ptr,
+    h_ptr, h_desc, h_half_desc, w2_ptr, w_desc, y_ptr, topk_weights_ptr,
     sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, H, I,
     stride_hm, stride_we, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    HALF_TILES: tl.constexpr,
 ):
     num_m_blocks = tl.load(num_padded_ptr) // BLOCK_M
     num_n_blocks = tl.cdiv(H, BLOCK_N)
     for tile in range(tl.program_id(0), num_m_blocks * num_n_blocks, tl.num_programs(0)):
         m_block, n_block = grouped_tile(tile, num_m_blocks, num_n_blocks, GROUP_M)
         expert = tl.load(block_expert_ptr + m_block).to(tl.int64)
-        rows = (m_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if TMA:
-            # Rows of the [E*H, I] weight view; a last partial N block reads the next expert's rows (or
-            # zeros past the end), and its columns are not stored.
-            w_row = (expert * H).to(tl.int32) + n_block * BLOCK_N
-            for k in tl.range(0, tl.cdiv(I, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
-                a = h_desc.load([m_block * BLOCK_M, k * BLOCK_K])
-                b = w_desc.load([w_row, k * BLOCK_K])
-                acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+        row0 = m_block * BLOCK_M
+        # An expert's padding rows close its last block: where they fill the block's second half, multiply
+        # the first half alone (padding rows of h may be unwritten: gate_up's HALF_TILES skips them too).
+        if HALF_TILES:
+            if tl.load(sorted_pair_ptr + row0 + BLOCK_M // 2) >= num_pairs:
+                _down_tile(h_ptr, h_half_desc, w2_ptr, w_desc, y_ptr, topk_weights_ptr, sorted_pair_ptr,
+                           expert, row0, n_block, num_pairs, H, I, stride_hm, stride_we, stride_wn, stride_ym,
+                           BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, False)
+            else:
+                _down_tile(h_ptr, h_desc, w2_ptr, w_desc, y_ptr, topk_weights_ptr, sorted_pair_ptr,
+                           expert, row0, n_block, num_pairs, H, I, stride_hm, stride_we, stride_wn, stride_ym,
+                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, WARP_SPECIALIZE)
         else:
-            w_cols = cols % H
-            ks = tl.arange(0, BLOCK_K)
-            h_ptrs = h_ptr + rows[:, None] * stride_hm + ks[None, :]
-            w_ptrs = w2_ptr + expert * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
-            for k in range(0, tl.cdiv(I, BLOCK_K)):
-                a = load_k_step(h_ptrs, ks, I - k * BLOCK_K, EVEN_K, 1)
-                b = load_k_step(w_ptrs, ks, I - k * BLOCK_K, EVEN_K, 0)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-                h_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K
-        pair = tl.load(sorted_pair_ptr + rows)
-        is_pair = pair < num_pairs
-        weight = tl.load(topk_weights_ptr + pair, mask=is_pair, other=0.0).to(tl.float32)
-        y = acc * weight[:, None]
-        y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_ym + cols[None, :]
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=is_pair[:, None] & (cols[None, :] < H))
+            _down_tile(h_ptr, h_desc, w2_ptr, w_desc, y_ptr, topk_weights_ptr, sorted_pair_ptr,
+                       expert, row0, n_block, num_pairs, H, I, stride_hm, stride_we, stride_wn, stride_ym,
+                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, WARP_SPECIALIZE)
 
 
 def down_unpermute(
@@ -86,17 +110,19 @@ def down_unpermute(
         weights_P = weights_P.contiguous()
     y_PH = torch.empty(align.num_pairs, H, dtype=h_RI.dtype, device=h_RI.device)
     tma = config.get("TMA", False) and w2_EHI.is_contiguous() and tma_fits(h_RI, w2_EHI)
+    half_tiles = config.get("HALF_TILES", False) and block_m >= 32
     h_desc = tma_descriptor(h_RI, block_m, block_k) if tma else None
+    h_half_desc = tma_descriptor(h_RI, block_m // 2, block_k) if tma and half_tiles else None
     w_desc = tma_descriptor(w2_EHI.view(E * H, I), block_n, block_k) if tma else None
     programs = persistent_programs(align.block_expert_B.numel(), triton.cdiv(H, block_n), config, num_sms)
     _down_unpermute_kernel[(programs,)](
-        h_RI, h_desc, w2_EHI, w_desc, y_PH, weights_P,
+        h_RI, h_desc, h_half_desc, w2_EHI, w_desc, y_PH, weights_P,
         align.sorted_pair_R, align.block_expert_B, align.num_padded_rows,
         align.num_pairs, H, I,
         h_RI.stride(0), w2_EHI.stride(0), w2_EHI.stride(1), y_PH.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
         EVEN_K=I % block_k == 0, DOT_PRECISION="ieee" if h_RI.dtype == torch.float32 else "tf32",
-        TMA=tma, WARP_SPECIALIZE=tma and config.get("WARP_SPECIALIZE", False),
+        TMA=tma, WARP_SPECIALIZE=tma and config.get("WARP_SPECIALIZE", False), HALF_TILES=half_tiles,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return y_PH

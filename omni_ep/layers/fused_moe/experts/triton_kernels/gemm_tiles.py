@@ -38,6 +38,20 @@ def load_k_step(ptrs, ks, k_left, EVEN_K: tl.constexpr, K_AXIS: tl.constexpr):
     return tile
 
 
+@triton.jit
+def pointer_k_loop(a_ptrs, b_ptrs, ks, k_size, acc, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """acc [BLOCK_M, N] += A @ B over k_size: A tiles [BLOCK_M, BLOCK_K] at a_ptrs, B tiles [BLOCK_K, N] at
+    b_ptrs, both pointer blocks stepping BLOCK_K along K (zeros past k_size)."""
+    for k in range(0, tl.cdiv(k_size, BLOCK_K)):
+        a = load_k_step(a_ptrs, ks, k_size - k * BLOCK_K, EVEN_K, 1)
+        b = load_k_step(b_ptrs, ks, k_size - k * BLOCK_K, EVEN_K, 0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
 def tma_fits(*tensors: torch.Tensor) -> bool:
     """Whether the copy engine (TMA) can read these tensors: a CUDA device of compute capability 9 or more
     (or the interpreter), 16-byte aligned base addresses and row strides, unit stride along the last axis."""
