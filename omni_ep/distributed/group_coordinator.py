@@ -26,10 +26,6 @@ class GroupCoordinator:
     def world_size(self) -> int:
         return len(self.ranks)
 
-    @property
-    def is_first_rank(self) -> bool:
-        return self.rank == 0
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the group, in place when possible; returns the summed tensor."""
         if self.world_size == 1:
@@ -74,13 +70,6 @@ class GroupCoordinator:
             out, x.contiguous(), output_split_sizes, input_split_sizes, group=self.group
         )
         return out
-
-    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Broadcast from group rank ``src``."""
-        if self.world_size == 1:
-            return x
-        dist.broadcast(x, src=self.ranks[src], group=self.group)
-        return x
 
     def barrier(self) -> None:
         if self.world_size > 1:

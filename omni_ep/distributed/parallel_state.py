@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from omni_ep.config import ParallelConfig
 from omni_ep.distributed.group_coordinator import GroupCoordinator
-from omni_ep.distributed.rank_groups import all_rank_groups, layout_sizes, rank_coordinates
+from omni_ep.distributed.rank_groups import all_rank_groups
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -34,17 +34,15 @@ class ParallelState:
     groups: dict[str, GroupCoordinator] = field(default_factory=dict)
     owns_default_group: bool = False
 
-    @property
-    def coordinates(self) -> dict[str, int]:
-        """This rank's coordinate along tp, ulysses, ring, pp, cfg, dp."""
-        return rank_coordinates(self.rank, layout_sizes(self.config))
-
 
 _STATE: ParallelState | None = None
 
 
 def _default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """The current platform's collective library (nccl on CUDA, hccl on Ascend, gloo on CPU)."""
+    from omni_ep.platforms import get_current_platform
+
+    return get_current_platform().dist_backend
 
 
 def init_parallel_state(

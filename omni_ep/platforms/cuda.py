@@ -14,6 +14,3 @@ class CudaOmniPlatform(OmniPlatform):
     @classmethod
     def is_available(cls) -> bool:
         return torch.cuda.is_available()
-
-    def current_device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device())

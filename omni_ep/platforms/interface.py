@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 
 class OmniPlatform:
     """Base of the CUDA, NPU and CPU platforms (and of out-of-tree ones)."""
@@ -48,6 +46,3 @@ class OmniPlatform:
 
     def _prepare_op(self, op_name: str) -> None:
         """Platform hook: kernel configs, device libraries. Nothing by default."""
-
-    def current_device(self) -> torch.device:
-        return torch.device(self.device_type)

@@ -61,13 +61,11 @@ class HunyuanImage3PipelineOutput(BaseOutput):
 class HunyuanImage3Pipeline(DiffusionPipeline):
     """Prompt -> tokens -> transformer (denoising loop, flow-matching Euler) -> VAE decoder -> image."""
 
-    def __init__(self, transformer, vae, tokenizer, generation_config: dict | None = None,
-                 checkpoint_path: str | None = None):
+    def __init__(self, transformer, vae, tokenizer, generation_config: dict | None = None):
         """The scheduler is made per call (flow-matching Euler with explicit shifted sigmas)."""
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
         self.generation_config = generation_config or {}
-        self.checkpoint_path = checkpoint_path
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -110,7 +108,7 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             with open(os.path.join(path, "generation_config.json")) as f:
                 generation_config = json.load(f)
-        return cls(transformer, vae, tokenizer, generation_config=generation_config, checkpoint_path=path)
+        return cls(transformer, vae, tokenizer, generation_config=generation_config)
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_bytes: int = 2**30, **kwargs) -> None:
         """Write the released layout: config.json, generation_config.json, tokenizer files, shards + index.
