@@ -108,6 +108,14 @@ def main():
         ("EP=2 half tiles, pointer, skewed", 3001, 32, H, I, bf16, "skewed", {
             "BLOCK_M": 128, "gate_up": {**default_config(4096)["gate_up"], "ONE_DOT": True, "HALF_TILES": True},
             "down": {**default_config(4096)["down"], "HALF_TILES": True}}),
+        ("EP=2 flattened loops, TMA store, skewed", 4097, 32, H, I, bf16, "skewed", {
+            "BLOCK_M": 128, "gate_up": {**default_config(4096)["gate_up"], "num_stages": 3, "TMA": True,
+                                        "ONE_DOT": True, "TMA_STORE": True, "FLATTEN": True},
+            "down": {**default_config(4096)["down"], "num_stages": 3, "TMA": True, "FLATTEN": True}}),
+        ("EP=4 flattened, TMA store, odd I", 1500, 16, H, 3000, bf16, "no_local_rows", {
+            "BLOCK_M": 64, "gate_up": {**default_config(4096)["gate_up"], "TMA": True, "TMA_STORE": True,
+                                       "FLATTEN": True},
+            "down": {**default_config(4096)["down"], "TMA": True, "FLATTEN": True}}),
     ]
     results = [run_case(*case, generator=g) for case in cases]
     print(f"{sum(results)}/{len(results)} cases passed")

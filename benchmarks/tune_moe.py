@@ -10,6 +10,15 @@ BLOCK_M): a sweep that fits one 10-minute GPU session, not an exhaustive search.
       --out-dir omni_ep/layers/fused_moe/experts/configs
 
 writes E{E}_N{I}_{device}.json per E (format in omni_ep/.../triton_configs.py).
+
+--refine starts from the files already there (in --out-dir, else the package's) instead of sweeping tiles:
+for each point it times the whole path (TritonExperts.apply) with one more kernel flag set (down first, then
+gate_up: FLATTEN, num_stages 4, GROUP_M 4, HALF_TILES, TMA_STORE) in rounds interleaved with the current
+config, and keeps a flag where the median of the per-round speedups passes --min-gain. Interleaving is what
+makes this work on a power-capped card whose clock drifts 10-30% between seconds:
+
+  python benchmarks/tune_moe.py --refine --experts 64 32 16 8 --tokens 1024 4096 8192 16384 \
+      --out-dir omni_ep/layers/fused_moe/experts/configs
 """
 
 from __future__ import annotations
@@ -26,9 +35,10 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_moe import ep_routing, expert_weights  # noqa: E402
+from bench_moe import ep_routing, expert_weights, interleaved_ms, paired_ratio  # noqa: E402
 
-from omni_ep.layers.fused_moe.experts.triton_configs import config_file_name  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_configs import CONFIG_DIR, config_file_name  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import down_unpermute  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gate_up_swiglu  # noqa: E402
@@ -118,6 +128,38 @@ def tune_point(x, ids, weights, w13, w2, num_sms: int, verbose: bool, block_ms=N
     return best, best_ms
 
 
+REFINEMENTS = {  # tried one at a time on top of the current config, down first
+    "down": [{"FLATTEN": True}, {"FLATTEN": True, "num_stages": 4}, {"FLATTEN": True, "GROUP_M": 4},
+             {"FLATTEN": True, "num_stages": 4, "GROUP_M": 4}],
+    "gate_up": [{"HALF_TILES": True}, {"TMA_STORE": True}, {"FLATTEN": True}],
+}
+
+
+def refine_point(x, ids, weights, w13, w2, config: dict, rounds: int, min_gain: float, verbose: bool) -> dict:
+    """config with the flags that made the whole path faster, each by more than min_gain over the config
+    before it (median of per-round time ratios, the candidates interleaved with the current config)."""
+    for gemm, options in REFINEMENTS.items():
+        candidates = {"current": config}
+        for extra in options:
+            candidates[json.dumps(extra)] = {**config, gemm: {**config[gemm], **extra}}
+        fns = {}
+        for name, cfg in candidates.items():
+            try:
+                TritonExperts(cfg).apply(x, ids, weights, w13, w2)
+                fns[name] = lambda c=cfg: TritonExperts(c).apply(x, ids, weights, w13, w2)
+            except Exception as exc:  # a variant that does not fit (shared memory) is skipped
+                print(f"    {gemm} {name}: skipped: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        times = interleaved_ms(fns, budget_ms=150.0 * rounds, rounds=rounds, max_calls=5)
+        gains = {name: paired_ratio(times, "current", name) for name in fns}
+        if verbose:
+            for name, gain in gains.items():
+                print(f"    {gemm} {name}: x{gain:.3f}", flush=True)
+        best = max(gains, key=gains.get)
+        if best != "current" and gains[best] > 1 + min_gain:
+            config = candidates[best]
+    return config
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", type=int, nargs="+", default=[64, 32, 16, 8], help="E_local = 64 / EP")
@@ -129,6 +171,9 @@ def main():
     p.add_argument("--verbose", action="store_true", help="print every candidate's time")
     p.add_argument("--block-m", type=int, nargs="+", default=None, help="only these BLOCK_M (default: by M)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refine", action="store_true", help="refine the existing files' flags (see above)")
+    p.add_argument("--rounds", type=int, default=10, help="--refine: interleaved rounds per comparison")
+    p.add_argument("--min-gain", type=float, default=0.01, help="--refine: speedup a flag must pass")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_moe.py tunes CUDA kernels: run it on a machine with a CUDA GPU.")
@@ -139,17 +184,30 @@ def main():
     H, I = args.hidden, args.intermediate
     for num_local in args.experts:
         w13, w2 = expert_weights(num_local, H, I, torch.bfloat16, "cuda", generator)
-        table = {"_meta": {"device": device_name, "triton": triton.__version__, "torch": torch.__version__,
-                           "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
-                           "routing": "64 global experts, top-8, this rank's E local ones (others -1)"}}
+        path = args.out_dir / config_file_name(num_local, I, device_name)
+        meta = {"device": device_name, "triton": triton.__version__, "torch": torch.__version__,
+                "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+                "routing": "64 global experts, top-8, this rank's E local ones (others -1)"}
+        table = {"_meta": meta}
+        if args.refine:
+            start = path if path.exists() else CONFIG_DIR / path.name
+            if not start.exists():
+                sys.exit(f"--refine: no {path.name} in {args.out_dir} or {CONFIG_DIR}: run the tile sweep first.")
+            table = json.loads(start.read_text())
+            table[f"_refined_{meta['date']}"] = meta
         for m in args.tokens:
             x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=generator)
             ids, weights = ep_routing(m, num_local, args.top_k, "cuda", generator)
-            cfg, ms = tune_point(x, ids, weights, w13, w2, num_sms, args.verbose, args.block_m)
             flops = 2 * 3 * H * I * int((ids >= 0).sum())
-            print(f"E={num_local} M={m}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s GEMMs only) {cfg}", flush=True)
+            if args.refine:
+                if str(m) not in table:
+                    sys.exit(f"--refine: {start.name} has no entry for M={m}.")
+                cfg = refine_point(x, ids, weights, w13, w2, table[str(m)], args.rounds, args.min_gain, args.verbose)
+                print(f"E={num_local} M={m}: {cfg}", flush=True)
+            else:
+                cfg, ms = tune_point(x, ids, weights, w13, w2, num_sms, args.verbose, args.block_m)
+                print(f"E={num_local} M={m}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s GEMMs only) {cfg}", flush=True)
             table[str(m)] = cfg
-        path = args.out_dir / config_file_name(num_local, I, device_name)
         path.write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {path}", flush=True)
         del w13, w2

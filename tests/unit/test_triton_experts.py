@@ -48,6 +48,10 @@ HALF_TILES_TMA_ONE_DOT = {"BLOCK_M": 32, "gate_up": _tile(16, 32, 2, TMA=True, O
                           "down": _tile(16, 32, 2, TMA=True, HALF_TILES=True)}
 TMA_ONE_DOT = {"BLOCK_M": 32, "gate_up": _tile(16, 16, 2, TMA=True, ONE_DOT=True, SORTED_X=True),
                "down": _tile(32, 32, 2, TMA=True)}
+# h written by a TMA store (the odd-size case clips its last N block at I); the loops flattened (a compiler
+# hint: the interpreter runs them as written, the GPU check runs the compiled form).
+TMA_STORE_FLATTEN = {"BLOCK_M": 32, "gate_up": _tile(16, 32, 2, TMA=True, ONE_DOT=True, TMA_STORE=True, FLATTEN=True),
+                     "down": _tile(32, 16, 2, TMA=True, FLATTEN=True)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -221,6 +225,8 @@ CASES = {
     "odd_sizes_tma": lambda g: _case_odd_sizes_tma(g, TMA_TILES),
     "odd_sizes_tma_sorted_x": lambda g: _case_odd_sizes_tma(g, TMA_SORTED_X),
     "odd_sizes_tma_one_dot": lambda g: _case_odd_sizes_tma(g, TMA_ONE_DOT),
+    "uniform_tma_store_flatten": lambda g: _case_uniform(g, TMA_STORE_FLATTEN),
+    "odd_sizes_tma_store_flatten": lambda g: _case_odd_sizes_tma(g, TMA_STORE_FLATTEN),
     "half_tiles": lambda g: _case_half_tiles(g, HALF_TILES),
     "half_tiles_tma_one_dot": lambda g: _case_half_tiles(g, HALF_TILES_TMA_ONE_DOT),
     "uniform_half_tiles": lambda g: _case_uniform(g, HALF_TILES),

@@ -4,7 +4,9 @@ y[p, :] = w[p] * (h[r] @ w2[e].T) for row r holding pair p = m*K + k: the un-per
 so no sorted copy of the output is kept. Rows of pairs that are not local are never written. With the TMA
 config flag both operand tiles are read by the copy engine through tensor descriptors (Hopper and later),
 and WARP_SPECIALIZE asks Triton to warp-specialise the K loop. With HALF_TILES a row block whose lower half is
-all padding (the tail of an expert's rows) is multiplied as a BLOCK_M/2 tile: half the MMA work there.
+all padding (the tail of an expert's rows) is multiplied as a BLOCK_M/2 tile: half the MMA work there. With
+FLATTEN (not with HALF_TILES) the tile loop and the K loop are one software pipeline, so the next tile's first
+operand loads are in flight during this tile's epilogue.
 
 Shape legend: M tokens, K top-k slots, P = M*K pairs, H hidden, I intermediate, E local experts,
 R padded sorted rows (see align.py).
@@ -68,11 +70,11 @@ def _down_unpermute_kernel(
     stride_hm, stride_we, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    HALF_TILES: tl.constexpr,
+    HALF_TILES: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     num_m_blocks = tl.load(num_padded_ptr) // BLOCK_M
     num_n_blocks = tl.cdiv(H, BLOCK_N)
-    for tile in range(tl.program_id(0), num_m_blocks * num_n_blocks, tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), num_m_blocks * num_n_blocks, tl.num_programs(0), flatten=FLATTEN):
         m_block, n_block = grouped_tile(tile, num_m_blocks, num_n_blocks, GROUP_M)
         expert = tl.load(block_expert_ptr + m_block).to(tl.int64)
         row0 = m_block * BLOCK_M
@@ -123,6 +125,7 @@ def down_unpermute(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
         EVEN_K=I % block_k == 0, DOT_PRECISION="ieee" if h_RI.dtype == torch.float32 else "tf32",
         TMA=tma, WARP_SPECIALIZE=tma and config.get("WARP_SPECIALIZE", False), HALF_TILES=half_tiles,
+        FLATTEN=config.get("FLATTEN", False) and not half_tiles,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return y_PH

@@ -8,7 +8,10 @@ whose number it reads from the device (no host sync). Operand loads, by config f
   TMA       weight tiles read by the copy engine through a tensor descriptor (Hopper and later);
   SORTED_X  (with TMA) x first copied into expert-sorted rows [R, H], so its tiles are TMA reads too;
   WARP_SPECIALIZE  (with SORTED_X) Triton's automatic warp specialisation of the K loop;
-  HALF_TILES  (not with SORTED_X) a row block whose second half is all padding is a BLOCK_M/2 tile.
+  HALF_TILES  (not with SORTED_X) a row block whose second half is all padding is a BLOCK_M/2 tile;
+  FLATTEN   (not with HALF_TILES) the tile loop and the K loop flattened into one software pipeline, so the
+            next tile's first operand loads are in flight during this tile's epilogue;
+  TMA_STORE (with TMA, not with HALF_TILES) h tiles written by the copy engine through a tensor descriptor.
 
 Shape legend: M tokens, H hidden, I intermediate, E local experts, R padded sorted rows (see align.py).
 """
@@ -60,12 +63,12 @@ def _a_tile(x_ptrs, x_desc, row0, k, ks, k_left, BLOCK_K: tl.constexpr, EVEN_K: 
 
 @triton.jit
 def _gate_up_tile(
-    x_ptr, x_desc, w13_ptr, w_desc, h_ptr, sorted_pair_ptr,
+    x_ptr, x_desc, w13_ptr, w_desc, h_ptr, h_desc, sorted_pair_ptr,
     expert, row0, n_block, num_pairs, top_k, H, I,
     stride_xm, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_DOT: tl.constexpr, TMA: tl.constexpr,
-    SORTED_X: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    SORTED_X: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, TMA_STORE: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of h: sorted rows row0.. of expert `expert`, columns of n_block."""
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -122,24 +125,28 @@ def _gate_up_tile(
             x_ptrs += BLOCK_K
             gate_ptrs += BLOCK_K
             up_ptrs += BLOCK_K
-    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
-    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=cols[None, :] < I)
+    h = (acc_gate * tl.sigmoid(acc_gate) * acc_up).to(h_ptr.dtype.element_ty)
+    if TMA_STORE:
+        h_desc.store([row0, n_block * BLOCK_N], h)  # columns past I are dropped by the copy engine
+    else:
+        h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :]
+        tl.store(h_ptrs, h, mask=cols[None, :] < I)
 
 
 @triton.jit
 def _gate_up_swiglu_kernel(
-    x_ptr, x_desc, w13_ptr, w_desc, h_ptr,
+    x_ptr, x_desc, w13_ptr, w_desc, h_ptr, h_desc,
     sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, top_k, H, I,
     stride_xm, stride_we, stride_wn, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_DOT: tl.constexpr, TMA: tl.constexpr,
-    SORTED_X: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, HALF_TILES: tl.constexpr,
+    SORTED_X: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, HALF_TILES: tl.constexpr, FLATTEN: tl.constexpr,
+    TMA_STORE: tl.constexpr,
 ):
     num_m_blocks = tl.load(num_padded_ptr) // BLOCK_M
     num_n_blocks = tl.cdiv(I, BLOCK_N)
-    for tile in range(tl.program_id(0), num_m_blocks * num_n_blocks, tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), num_m_blocks * num_n_blocks, tl.num_programs(0), flatten=FLATTEN):
         m_block, n_block = grouped_tile(tile, num_m_blocks, num_n_blocks, GROUP_M)
         expert = tl.load(block_expert_ptr + m_block).to(tl.int64)
         row0 = m_block * BLOCK_M
@@ -147,17 +154,19 @@ def _gate_up_swiglu_kernel(
         # the rows left unwritten are padding, whose down results are never stored.
         if HALF_TILES:
             if tl.load(sorted_pair_ptr + row0 + BLOCK_M // 2) >= num_pairs:
-                _gate_up_tile(x_ptr, x_desc, w13_ptr, w_desc, h_ptr, sorted_pair_ptr,
+                _gate_up_tile(x_ptr, x_desc, w13_ptr, w_desc, h_ptr, h_desc, sorted_pair_ptr,
                               expert, row0, n_block, num_pairs, top_k, H, I, stride_xm, stride_we, stride_wn, stride_hm,
-                              BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, ONE_DOT, TMA, False, False)
+                              BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, ONE_DOT, TMA, False, False, False)
             else:
-                _gate_up_tile(x_ptr, x_desc, w13_ptr, w_desc, h_ptr, sorted_pair_ptr,
+                _gate_up_tile(x_ptr, x_desc, w13_ptr, w_desc, h_ptr, h_desc, sorted_pair_ptr,
                               expert, row0, n_block, num_pairs, top_k, H, I, stride_xm, stride_we, stride_wn, stride_hm,
-                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, ONE_DOT, TMA, SORTED_X, WARP_SPECIALIZE)
+                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, ONE_DOT, TMA, SORTED_X, WARP_SPECIALIZE,
+                              TMA_STORE)
         else:
-            _gate_up_tile(x_ptr, x_desc, w13_ptr, w_desc, h_ptr, sorted_pair_ptr,
+            _gate_up_tile(x_ptr, x_desc, w13_ptr, w_desc, h_ptr, h_desc, sorted_pair_ptr,
                           expert, row0, n_block, num_pairs, top_k, H, I, stride_xm, stride_we, stride_wn, stride_hm,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, ONE_DOT, TMA, SORTED_X, WARP_SPECIALIZE)
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, ONE_DOT, TMA, SORTED_X, WARP_SPECIALIZE,
+                              TMA_STORE)
 
 
 def gather_sorted_rows(x_MH: torch.Tensor, align: BlockAlignment, top_k: int) -> torch.Tensor:
@@ -193,9 +202,11 @@ def gate_up_swiglu(
     if sorted_x:
         x = gather_sorted_rows(x_MH, align, top_k)
         x_desc = tma_descriptor(x, block_m, block_k)
+    tma_store = tma and config.get("TMA_STORE", False) and not half_tiles and tma_fits(h_RI)
+    h_desc = tma_descriptor(h_RI, block_m, block_n) if tma_store else None
     programs = persistent_programs(align.block_expert_B.numel(), triton.cdiv(I, block_n), config, num_sms)
     _gate_up_swiglu_kernel[(programs,)](
-        x, x_desc, w13_E2IH, w_desc, h_RI,
+        x, x_desc, w13_E2IH, w_desc, h_RI, h_desc,
         align.sorted_pair_R, align.block_expert_B, align.num_padded_rows,
         align.num_pairs, top_k, H, I,
         x.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1), h_RI.stride(0),
@@ -203,6 +214,7 @@ def gate_up_swiglu(
         EVEN_K=H % block_k == 0, DOT_PRECISION="ieee" if x_MH.dtype == torch.float32 else "tf32",
         ONE_DOT=config.get("ONE_DOT", False), TMA=tma, SORTED_X=sorted_x,
         WARP_SPECIALIZE=sorted_x and config.get("WARP_SPECIALIZE", False), HALF_TILES=half_tiles,
+        FLATTEN=config.get("FLATTEN", False) and not half_tiles, TMA_STORE=tma_store,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return h_RI
