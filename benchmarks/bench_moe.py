@@ -1,8 +1,9 @@
 """Side-by-side timing of one MoE layer's routed experts (HunyuanImage-3.0 shapes) on one GPU.
 
-Contenders, all on the same inputs and weights, timed with CUDA events in interleaved rounds (each round runs
-every contender back to back for a share of the budget; reported: the median over rounds, and the ratio to the
-ceiling as the median of the per-round ratios, which holds while a power-capped card drifts in clock):
+Contenders, all on the same inputs and weights, timed with CUDA events in interleaved rounds: in each round every
+contender runs untimed for --settle-ms (the card's power control settles), then back to back for a share of the
+budget, timed. Reported: the median over rounds, and the ratio to the ceiling as the median of the per-round
+ratios (see interleaved_ms: the lent cards run at their power cap, where this is what holds still):
   triton        omni_ep TritonExperts (tuned configs from the package, or --config-dir)
   torch         omni_ep TorchExperts (sort + torch._grouped_mm)
   hf_<impl>     transformers' hunyuan_v1_moe experts block, once per experts implementation it offers
@@ -81,29 +82,32 @@ def median_ms(fn, budget_ms: float = 300.0, min_runs: int = 5, max_runs: int = 2
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def interleaved_ms(fns: dict, budget_ms: float = 300.0, rounds: int = 5, max_calls: int = 100) -> dict[str, list]:
-    """Per-call ms of every fn in each of `rounds` rounds, the fns taking turns inside every round.
+def interleaved_ms(fns: dict, budget_ms: float = 300.0, rounds: int = 5, max_calls: int = 100,
+                   settle_ms: float = 200.0) -> dict[str, list]:
+    """Per-call ms of every fn in each of `rounds` rounds, the fns taking turns inside every round (the order
+    reversed every other round).
 
-    A card at its power cap drifts in clock by 10-30% over seconds; taking turns makes the drift hit all the
-    fns alike, so ratios between them (to the ceiling, to a baseline) hold even when single times do not.
-    Each round times about budget_ms / rounds of back-to-back calls of one fn between two CUDA events, after
-    half as many untimed calls: the card's power control lags, so a slot timed right after a hungrier fn (the
-    cuBLAS ceiling) would otherwise start at that fn's clock. The order alternates between rounds (ABBA)."""
-    calls = {}
+    Why: a card at its power cap (the lent H100s and H200s: 700 W, clock 1.3-1.5 GHz under load) runs each
+    kernel at the clock its power draw allows, and its power control settles over a few hundred ms, so a
+    kernel timed right after another one runs at the other one's clock. Each slot therefore first runs its fn
+    untimed for settle_ms, then times about budget_ms / rounds of back-to-back calls between two CUDA events:
+    the steady state at the power cap, which is what a long run of MoE layers sees."""
+    estimate = {}
     for name, fn in fns.items():
         fn()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        estimate_ms = (time.perf_counter() - t0) * 1e3
-        calls[name] = int(min(max_calls, max(1, budget_ms / rounds / max(estimate_ms, 1e-3))))
+        estimate[name] = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    calls = {n: int(min(max_calls, max(1, budget_ms / rounds / e))) for n, e in estimate.items()}
+    settle = {n: int(min(5000, settle_ms / e)) for n, e in estimate.items()}
     times = {name: [] for name in fns}
     for r in range(rounds):
         order = list(fns) if r % 2 == 0 else list(fns)[::-1]
         for name in order:
             fn = fns[name]
-            for _ in range(max(1, calls[name] // 2)):
+            for _ in range(settle[name]):
                 fn()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -238,7 +242,7 @@ def bench_case(num_tokens: int, num_local: int, args, generator, w13, w2, conten
                 results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             torch.cuda.empty_cache()
         del reference
-        times = interleaved_ms(timed, args.budget_ms, args.rounds)
+        times = interleaved_ms(timed, args.budget_ms, args.rounds, settle_ms=args.settle_ms)
         for name in timed:
             ms = statistics.median(times[name])
             results.setdefault(name, {}).update(
@@ -284,6 +288,7 @@ def main():
     p.add_argument("--config-dir", type=Path, default=None, help="tuned JSON files (default: the package's)")
     p.add_argument("--budget-ms", type=float, default=300.0, help="timed milliseconds per contender and shape")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds the budget is split into")
+    p.add_argument("--settle-ms", type=float, default=200.0, help="untimed run before each timed slot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--table", type=Path, default=None)

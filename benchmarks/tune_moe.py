@@ -13,9 +13,10 @@ writes E{E}_N{I}_{device}.json per E (format in omni_ep/.../triton_configs.py).
 
 --refine starts from the files already there (in --out-dir, else the package's) instead of sweeping tiles:
 for each point it times the whole path (TritonExperts.apply) with one more kernel flag set (down first, then
-gate_up: FLATTEN, num_stages 4, GROUP_M 4, HALF_TILES, TMA_STORE) in rounds interleaved with the current
-config, and keeps a flag where the median of the per-round speedups passes --min-gain. Interleaving is what
-makes this work on a power-capped card whose clock drifts 10-30% between seconds:
+gate_up: FLATTEN, num_stages 4, GROUP_M 4, HALF_TILES, TMA_STORE, ONE_DOT) in rounds interleaved with the current
+config, and keeps a flag where the median of the per-round speedups passes --min-gain. Each timed slot follows
+300 ms of untimed runs of the same config (bench_moe.interleaved_ms): on a power-capped card a kernel timed
+right after another runs at the other's clock, which flips few-percent verdicts:
 
   python benchmarks/tune_moe.py --refine --experts 64 32 16 8 --tokens 1024 4096 8192 16384 \
       --out-dir omni_ep/layers/fused_moe/experts/configs
@@ -131,7 +132,8 @@ def tune_point(x, ids, weights, w13, w2, num_sms: int, verbose: bool, block_ms=N
 REFINEMENTS = {  # tried one at a time on top of the current config, down first
     "down": [{"FLATTEN": True}, {"FLATTEN": True, "num_stages": 4}, {"FLATTEN": True, "GROUP_M": 4},
              {"FLATTEN": True, "num_stages": 4, "GROUP_M": 4}],
-    "gate_up": [{"HALF_TILES": True}, {"TMA_STORE": True}, {"FLATTEN": True}],
+    "gate_up": [{"HALF_TILES": True}, {"TMA_STORE": True}, {"FLATTEN": True}, {"ONE_DOT": True},
+                {"ONE_DOT": True, "num_stages": 3}],
 }
 
 
@@ -141,7 +143,9 @@ def refine_point(x, ids, weights, w13, w2, config: dict, rounds: int, min_gain: 
     for gemm, options in REFINEMENTS.items():
         candidates = {"current": config}
         for extra in options:
-            candidates[json.dumps(extra)] = {**config, gemm: {**config[gemm], **extra}}
+            candidate = {**config, gemm: {**config[gemm], **extra}}
+            if candidate != config:  # a flag the config has already is not a candidate
+                candidates[json.dumps(extra)] = candidate
         fns = {}
         for name, cfg in candidates.items():
             try:
@@ -149,7 +153,7 @@ def refine_point(x, ids, weights, w13, w2, config: dict, rounds: int, min_gain: 
                 fns[name] = lambda c=cfg: TritonExperts(c).apply(x, ids, weights, w13, w2)
             except Exception as exc:  # a variant that does not fit (shared memory) is skipped
                 print(f"    {gemm} {name}: skipped: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-        times = interleaved_ms(fns, budget_ms=150.0 * rounds, rounds=rounds, max_calls=5)
+        times = interleaved_ms(fns, budget_ms=300.0 * rounds, rounds=rounds, max_calls=100, settle_ms=300.0)
         gains = {name: paired_ratio(times, "current", name) for name in fns}
         if verbose:
             for name, gain in gains.items():
@@ -172,7 +176,7 @@ def main():
     p.add_argument("--block-m", type=int, nargs="+", default=None, help="only these BLOCK_M (default: by M)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--refine", action="store_true", help="refine the existing files' flags (see above)")
-    p.add_argument("--rounds", type=int, default=10, help="--refine: interleaved rounds per comparison")
+    p.add_argument("--rounds", type=int, default=6, help="--refine: interleaved rounds per comparison")
     p.add_argument("--min-gain", type=float, default=0.01, help="--refine: speedup a flag must pass")
     args = p.parse_args()
     if not torch.cuda.is_available():
