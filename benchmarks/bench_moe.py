@@ -1,7 +1,7 @@
 """Side-by-side timing of one MoE layer's routed experts (HunyuanImage-3.0 shapes) on one GPU.
 
 Contenders, all on the same inputs and weights, timed with CUDA events in interleaved rounds: in each round every
-contender runs untimed for --settle-ms (the card's power control settles), then back to back for a share of the
+contender runs untimed for --settle-ms (the card's power control lags), then back to back for a share of the
 budget, timed. Reported: the median over rounds, and the ratio to the ceiling as the median of the per-round
 ratios (see interleaved_ms: the lent cards run at their power cap, where this is what holds still):
   triton        omni_ep TritonExperts (tuned configs from the package, or --config-dir)
@@ -87,11 +87,11 @@ def interleaved_ms(fns: dict, budget_ms: float = 300.0, rounds: int = 5, max_cal
     """Per-call ms of every fn in each of `rounds` rounds, the fns taking turns inside every round (the order
     reversed every other round).
 
-    Why: a card at its power cap (the lent H100s and H200s: 700 W, clock 1.3-1.5 GHz under load) runs each
-    kernel at the clock its power draw allows, and its power control settles over a few hundred ms, so a
-    kernel timed right after another one runs at the other one's clock. Each slot therefore first runs its fn
-    untimed for settle_ms, then times about budget_ms / rounds of back-to-back calls between two CUDA events:
-    the steady state at the power cap, which is what a long run of MoE layers sees."""
+    Why: a card at its power cap (the lent H100s and H200s: 600-700 W, SM clock down to 1.3-1.5 GHz under
+    load) runs each kernel at the clock its power draw allows, and its power control lags, so a kernel timed
+    right after another one partly runs at the other one's clock. Each slot therefore first runs its fn untimed
+    for settle_ms, then times about budget_ms / rounds of back-to-back calls between two CUDA events: closer to
+    the steady state at the cap, which is what a long run of MoE layers sees."""
     estimate = {}
     for name, fn in fns.items():
         fn()

@@ -166,7 +166,7 @@ def _gate_up_swiglu_kernel(
             _gate_up_tile(x_ptr, x_desc, w13_ptr, w_desc, h_ptr, h_desc, sorted_pair_ptr,
                           expert, row0, n_block, num_pairs, top_k, H, I, stride_xm, stride_we, stride_wn, stride_hm,
                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, ONE_DOT, TMA, SORTED_X, WARP_SPECIALIZE,
-                              TMA_STORE)
+                          TMA_STORE)
 
 
 def gather_sorted_rows(x_MH: torch.Tensor, align: BlockAlignment, top_k: int) -> torch.Tensor:
