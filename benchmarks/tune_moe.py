@@ -12,11 +12,12 @@ BLOCK_M): a sweep that fits one 10-minute GPU session, not an exhaustive search.
 writes E{E}_N{I}_{device}.json per E (format in omni_ep/.../triton_configs.py).
 
 --refine starts from the files already there (in --out-dir, else the package's) instead of sweeping tiles:
-for each point it times the whole path (TritonExperts.apply) with one more kernel flag set (down first, then
-gate_up: FLATTEN, num_stages 4, GROUP_M 4, HALF_TILES, TMA_STORE, ONE_DOT) in rounds interleaved with the current
-config, and keeps a flag where the median of the per-round speedups passes --min-gain. Each timed slot follows
-300 ms of untimed runs of the same config (bench_moe.interleaved_ms): on a power-capped card a kernel timed
-right after another runs at the other's clock, which flips few-percent verdicts:
+for each point it times the whole path (TritonExperts.apply) with one change at a time (down first, then gate_up:
+stages, group size, FLATTEN, HALF_TILES, TMA_STORE, ONE_DOT) in rounds interleaved with the current config, and
+keeps the best change where the median of the per-round speedups passes --min-gain twice: in the screen of all
+candidates and in a two-way A/B that confirms it. Each timed slot follows 300 ms of untimed runs of the same
+config (bench_moe.interleaved_ms): on a power-capped card a kernel timed right after another partly runs at the
+other's clock, which flips few-percent verdicts:
 
   python benchmarks/tune_moe.py --refine --experts 64 32 16 8 --tokens 1024 4096 8192 16384 \
       --out-dir omni_ep/layers/fused_moe/experts/configs
@@ -130,21 +131,29 @@ def tune_point(x, ids, weights, w13, w2, num_sms: int, verbose: bool, block_ms=N
 
 
 REFINEMENTS = {  # tried one at a time on top of the current config, down first
-    "down": [{"FLATTEN": True}, {"FLATTEN": True, "num_stages": 4}, {"FLATTEN": True, "GROUP_M": 4},
-             {"FLATTEN": True, "num_stages": 4, "GROUP_M": 4}],
-    "gate_up": [{"HALF_TILES": True}, {"TMA_STORE": True}, {"FLATTEN": True}, {"ONE_DOT": True},
-                {"ONE_DOT": True, "num_stages": 3}],
+    "down": [{"num_stages": 4}, {"GROUP_M": 4}, {"GROUP_M": 16}, {"FLATTEN": True},
+             {"FLATTEN": True, "num_stages": 4}],
+    "gate_up": [{"num_stages": 4}, {"GROUP_M": 4}, {"GROUP_M": 16}, {"HALF_TILES": True}, {"TMA_STORE": True},
+                {"FLATTEN": True}, {"ONE_DOT": True}],
 }
 
 
+def _gains(fns: dict, rounds: int) -> dict:
+    """Speedup of each fn over fns["current"]: median of per-round time ratios (interleaved, 300 ms settle)."""
+    times = interleaved_ms(fns, budget_ms=300.0 * rounds, rounds=rounds, max_calls=100, settle_ms=300.0)
+    return {name: paired_ratio(times, name, "current") for name in fns}
+
+
 def refine_point(x, ids, weights, w13, w2, config: dict, rounds: int, min_gain: float, verbose: bool) -> dict:
-    """config with the flags that made the whole path faster, each by more than min_gain over the config
-    before it (median of per-round time ratios, the candidates interleaved with the current config)."""
+    """config with the changes that made the whole path faster by more than min_gain: per GEMM, every candidate
+    is screened against the current config in one interleaved A/B, and the best one is kept only if a second,
+    two-way A/B against the current config confirms the gain (on a power-capped card the screen alone has
+    picked changes that a two-way A/B then measured slower)."""
     for gemm, options in REFINEMENTS.items():
         candidates = {"current": config}
         for extra in options:
             candidate = {**config, gemm: {**config[gemm], **extra}}
-            if candidate != config:  # a flag the config has already is not a candidate
+            if candidate != config:  # a change the config has already is not a candidate
                 candidates[json.dumps(extra)] = candidate
         fns = {}
         for name, cfg in candidates.items():
@@ -153,13 +162,17 @@ def refine_point(x, ids, weights, w13, w2, config: dict, rounds: int, min_gain: 
                 fns[name] = lambda c=cfg: TritonExperts(c).apply(x, ids, weights, w13, w2)
             except Exception as exc:  # a variant that does not fit (shared memory) is skipped
                 print(f"    {gemm} {name}: skipped: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-        times = interleaved_ms(fns, budget_ms=300.0 * rounds, rounds=rounds, max_calls=100, settle_ms=300.0)
-        gains = {name: paired_ratio(times, "current", name) for name in fns}
+        gains = _gains(fns, rounds)
+        best = max(gains, key=gains.get)
         if verbose:
             for name, gain in gains.items():
                 print(f"    {gemm} {name}: x{gain:.3f}", flush=True)
-        best = max(gains, key=gains.get)
-        if best != "current" and gains[best] > 1 + min_gain:
+        if best == "current" or gains[best] <= 1 + min_gain:
+            continue
+        confirmed = _gains({"current": fns["current"], best: fns[best]}, rounds)[best]
+        if verbose:
+            print(f"    {gemm} {best}: confirmed x{confirmed:.3f}", flush=True)
+        if confirmed > 1 + min_gain:
             config = candidates[best]
     return config
 
