@@ -22,6 +22,11 @@ from bench_moe import ep_routing, expert_weights  # noqa: E402
 from omni_ep.layers.fused_moe.experts.torch_experts import TorchExperts  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_configs import default_config  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import _gluon_module  # noqa: E402
+
+
+def gluon_fits(x, block_m, down_config) -> bool:
+    return _gluon_module().gluon_fits(x, block_m, down_config)
 
 
 def poison_allocator(num_bytes: int = 4 << 30):
@@ -55,6 +60,14 @@ def run_case(name, M, E, H, I, dtype, routing, config, generator) -> bool:
         poison_allocator()
         outs.append(experts.apply(x, ids, weights, w13, w2))
     torch.cuda.synchronize()
+    gluon_ok, gluon_note = True, ""
+    if config is not None and config["down"].get("GLUON"):
+        # The Gluon down kernel must run here (a Hopper GPU) and agree bit for bit with the Triton one.
+        runs = _gluon_module() is not None and gluon_fits(x, config["BLOCK_M"], config["down"])
+        triton_out = TritonExperts({**config, "down": {**config["down"], "GLUON": False}}).apply(
+            x, ids, weights, w13, w2)
+        gluon_ok = runs and torch.equal(outs[0], triton_out)
+        gluon_note = f" gluon_ran={runs} same_as_triton_down={torch.equal(outs[0], triton_out)}"
     ref = TorchExperts().apply(x.float(), ids, weights, w13.float(), w2.float())
     out = outs[0]
     err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -62,12 +75,21 @@ def run_case(name, M, E, H, I, dtype, routing, config, generator) -> bool:
     finite = bool(torch.isfinite(out).all())
     same = torch.equal(outs[0], outs[1])
     empty_rows_zero = bool((out[(ids < 0).all(1)] == 0).all())
-    ok = err < tol and finite and same and empty_rows_zero and out.shape == (M, H) and out.dtype == dtype
+    ok = err < tol and finite and same and empty_rows_zero and gluon_ok and out.shape == (M, H) and out.dtype == dtype
     counts = torch.bincount(ids[ids >= 0].long(), minlength=E)
     print(f"{'PASS' if ok else 'FAIL'} {name:28s} M={M:5d} E={E:2d} {str(dtype):15s} rel_err={err:.2e} "
-          f"finite={finite} deterministic={same} rows/expert min={int(counts.min())} max={int(counts.max())}",
+          f"finite={finite} deterministic={same} rows/expert min={int(counts.min())} max={int(counts.max())}"
+          f"{gluon_note}",
           flush=True)
     return ok
+
+
+def gluon_down(block_m: int, block_n: int, num_warps: int, num_stages: int) -> dict:
+    """A TMA config whose down GEMM runs the Gluon kernel (BLOCK_M = 16 rows per warp)."""
+    gate_up = {**default_config(4096)["gate_up"], "num_stages": 3, "TMA": True, "ONE_DOT": True}
+    down = {"BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": num_warps, "num_stages": num_stages,
+            "TMA": True, "GLUON": True}
+    return {"BLOCK_M": block_m, "gate_up": gate_up, "down": down}
 
 
 def main():
@@ -116,6 +138,12 @@ def main():
             "BLOCK_M": 64, "gate_up": {**default_config(4096)["gate_up"], "TMA": True, "TMA_STORE": True,
                                        "FLATTEN": True},
             "down": {**default_config(4096)["down"], "TMA": True, "FLATTEN": True}}),
+        ("EP=1 Gluon down 8194", 8194, 64, H, I, bf16, "uniform", gluon_down(128, 256, 8, 3)),
+        ("EP=2 Gluon down, skewed, empty experts", 4097, 32, H, I, bf16, "skewed", gluon_down(128, 256, 8, 3)),
+        ("EP=4 Gluon down, odd H and I, non-local", 1500, 16, 4000, 3000, bf16, "no_local_rows",
+         gluon_down(64, 128, 4, 4)),
+        ("EP=8 Gluon down, few tokens, idle programs", 100, 8, H, I, bf16, "skewed", gluon_down(128, 256, 8, 4)),
+        ("fp16 Gluon down", 2049, 16, H, I, torch.float16, "uniform", gluon_down(128, 256, 8, 3)),
     ]
     results = [run_case(*case, generator=g) for case in cases]
     print(f"{sum(results)}/{len(results)} cases passed")

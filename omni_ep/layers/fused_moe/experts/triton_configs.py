@@ -4,7 +4,7 @@ A file `configs/E{E}_N{I}_{device name}.json` (e.g. E64_N3072_NVIDIA_H100_80GB_H
 M (as a string) to
     {"BLOCK_M": int, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, ONE_DOT, PROGRAMS_PER_SM,
                                  TMA, SORTED_X, WARP_SPECIALIZE, HALF_TILES]},
-     "down": {the same keys but ONE_DOT and SORTED_X}}
+     "down": {the same keys but ONE_DOT and SORTED_X, and GLUON: the Gluon kernel on Hopper, with TMA}}
 (keys starting with "_" are notes: device, versions, command).
 `benchmarks/tune_moe.py` writes these files. Lookup: the file of this device (else one of the same GPU family,
 e.g. an H100 file on an H200), for E local experts (else the nearest E with the same I), then the entry with

@@ -14,6 +14,8 @@ R padded sorted rows (see align.py).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -95,6 +97,16 @@ def _down_unpermute_kernel(
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, WARP_SPECIALIZE)
 
 
+@functools.lru_cache(maxsize=None)
+def _gluon_module():
+    """down_unpermute_gluon, or None where this Triton has no Gluon for Hopper (before 3.6)."""
+    try:
+        from omni_ep.layers.fused_moe.experts.triton_kernels import down_unpermute_gluon
+    except ImportError:
+        return None
+    return down_unpermute_gluon
+
+
 def down_unpermute(
     h_RI: torch.Tensor, w2_EHI: torch.Tensor, topk_weights_MK: torch.Tensor, align: BlockAlignment,
     config: dict, num_sms: int,
@@ -102,7 +114,8 @@ def down_unpermute(
     """h [R, I] sorted rows, w2 [E, H, I], topk_weights [M, K] -> y [P, H], row m*K+k for slot k of token m.
 
     Rows of slots whose expert is not local are left unwritten (uninitialised): read them through the ids.
-    The TMA flag falls back to pointer loads where the copy engine cannot read the tensors (see tma_fits).
+    The TMA flag falls back to pointer loads where the copy engine cannot read the tensors (see tma_fits); the
+    GLUON flag (with TMA) runs down_unpermute_gluon.py's kernel where it can (see gluon_fits), this one elsewhere.
     """
     I = h_RI.shape[1]
     E, H, _ = w2_EHI.shape
@@ -112,11 +125,16 @@ def down_unpermute(
         weights_P = weights_P.contiguous()
     y_PH = torch.empty(align.num_pairs, H, dtype=h_RI.dtype, device=h_RI.device)
     tma = config.get("TMA", False) and w2_EHI.is_contiguous() and tma_fits(h_RI, w2_EHI)
+    programs = persistent_programs(align.block_expert_B.numel(), triton.cdiv(H, block_n), config, num_sms)
+    use_gluon = tma and h_RI.is_cuda and config.get("GLUON", False) and not config.get("HALF_TILES", False)
+    gluon = _gluon_module() if use_gluon else None
+    if gluon is not None and gluon.gluon_fits(h_RI, block_m, config):
+        gluon.down_unpermute_gluon(h_RI, w2_EHI, weights_P, y_PH, align, config, programs)
+        return y_PH
     half_tiles = config.get("HALF_TILES", False) and block_m >= 32
     h_desc = tma_descriptor(h_RI, block_m, block_k) if tma else None
     h_half_desc = tma_descriptor(h_RI, block_m // 2, block_k) if tma and half_tiles else None
     w_desc = tma_descriptor(w2_EHI.view(E * H, I), block_n, block_k) if tma else None
-    programs = persistent_programs(align.block_expert_B.numel(), triton.cdiv(H, block_n), config, num_sms)
     _down_unpermute_kernel[(programs,)](
         h_RI, h_desc, h_half_desc, w2_EHI, w_desc, y_PH, weights_P,
         align.sorted_pair_R, align.block_expert_B, align.num_padded_rows,

@@ -6,7 +6,8 @@ whose number it reads from the device (no host sync). Operand loads, by config f
   default   x rows gathered and weight tiles read by pointer (cp.async);
   ONE_DOT   the gate and up weight rows loaded into one tile: one MMA twice as wide per K step;
   TMA       weight tiles read by the copy engine through a tensor descriptor (Hopper and later);
-  SORTED_X  (with TMA) x first copied into expert-sorted rows [R, H], so its tiles are TMA reads too;
+  SORTED_X  (with TMA) x first copied into expert-sorted rows [R, H] (padding rows left unwritten: their
+            h rows are never stored), so its tiles are TMA reads too;
   WARP_SPECIALIZE  (with SORTED_X) Triton's automatic warp specialisation of the K loop;
   HALF_TILES  (not with SORTED_X) a row block whose second half is all padding is a BLOCK_M/2 tile;
   FLATTEN   (not with HALF_TILES) the tile loop and the K loop flattened into one software pipeline, so the
@@ -35,19 +36,20 @@ from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import (
 
 @triton.jit
 def _gather_sorted_rows_kernel(x_ptr, x_sorted_ptr, sorted_pair_ptr, num_padded_ptr, num_pairs, top_k, H,
-                               stride_xm, stride_sm, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    """x_sorted[r] = x[sorted_pair[r] // K] for the rows in use; padding rows get token 0 (never stored later)."""
-    m_block = tl.program_id(0)
-    if m_block * BLOCK_M >= tl.load(num_padded_ptr):
+                               stride_xm, stride_sm, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """x_sorted[r, cols] = x[sorted_pair[r] // K, cols] for ROWS rows and BLOCK_H columns; padding rows are not
+    written (their GEMM rows are never stored)."""
+    row0 = tl.program_id(0) * ROWS
+    num_padded = tl.load(num_padded_ptr)
+    if row0 >= num_padded:
         return
-    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_pair_ptr + rows)
-    token = tl.where(pair < num_pairs, pair // top_k, 0).to(tl.int64)
-    for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        in_h = (cols < H)[None, :]
-        v = tl.load(x_ptr + token[:, None] * stride_xm + cols[None, :], mask=in_h)
-        tl.store(x_sorted_ptr + rows[:, None].to(tl.int64) * stride_sm + cols[None, :], v, mask=in_h)
+    rows = row0 + tl.arange(0, ROWS)
+    pair = tl.load(sorted_pair_ptr + rows, mask=rows < num_padded, other=num_pairs)
+    token = (pair // top_k).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (pair < num_pairs)[:, None] & (cols < H)[None, :]
+    v = tl.load(x_ptr + token[:, None] * stride_xm + cols[None, :], mask=mask)
+    tl.store(x_sorted_ptr + rows[:, None].to(tl.int64) * stride_sm + cols[None, :], v, mask=mask)
 
 
 @triton.jit
@@ -170,13 +172,14 @@ def _gate_up_swiglu_kernel(
 
 
 def gather_sorted_rows(x_MH: torch.Tensor, align: BlockAlignment, top_k: int) -> torch.Tensor:
-    """x [M, H] -> x_sorted [R, H]: row r holds its pair's token; rows past num_padded_rows stay unwritten."""
-    H = x_MH.shape[1]
-    x_RH = torch.empty(align.sorted_pair_R.numel(), H, dtype=x_MH.dtype, device=x_MH.device)
-    block_h = min(512, triton.next_power_of_2(H))
-    _gather_sorted_rows_kernel[(align.block_expert_B.numel(),)](
+    """x [M, H] -> x_sorted [R, H]: row r holds its pair's token; padding rows and rows past num_padded_rows stay
+    unwritten. Small programs (16 rows x 512 columns): the copy runs near HBM write bandwidth."""
+    R, H = align.sorted_pair_R.numel(), x_MH.shape[1]
+    x_RH = torch.empty(R, H, dtype=x_MH.dtype, device=x_MH.device)
+    rows, block_h = 16, min(512, triton.next_power_of_2(H))
+    _gather_sorted_rows_kernel[(triton.cdiv(R, rows), triton.cdiv(H, block_h))](
         x_MH, x_RH, align.sorted_pair_R, align.num_padded_rows, align.num_pairs, top_k, H,
-        x_MH.stride(0), x_RH.stride(0), BLOCK_M=align.block_m, BLOCK_H=block_h,
+        x_MH.stride(0), x_RH.stride(0), ROWS=rows, BLOCK_H=block_h,
     )
     return x_RH
 
