@@ -68,6 +68,7 @@ def k_scaling(args, E: int = 64, T: int = 8194, H: int = 4096, I: int = 3072, K:
         main_loop, fixed = t[f"{k} 2K"] - t[k], 2 * t[k] - t[f"{k} 2K"]
         print(f"| {k} | {t[k]:.3f} | {t[f'{k} 2K']:.3f} | {main_loop:.3f} | {fixed:.3f} | {fixed / t[k]:.1%} |")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": name, "date": str(date.today()), "command": " ".join(sys.argv),
                                          "rows": rows, "times_ms": times}, indent=1))
 

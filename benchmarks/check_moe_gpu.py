@@ -25,10 +25,6 @@ from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts  # noq
 from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import _gluon_module  # noqa: E402
 
 
-def gluon_fits(x, block_m, down_config) -> bool:
-    return _gluon_module().gluon_fits(x, block_m, down_config)
-
-
 def poison_allocator(num_bytes: int = 4 << 30):
     """Fill the memory the caching allocator will hand out next with NaN."""
     block = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda")
@@ -63,7 +59,8 @@ def run_case(name, M, E, H, I, dtype, routing, config, generator) -> bool:
     gluon_ok, gluon_note = True, ""
     if config is not None and config["down"].get("GLUON"):
         # The Gluon down kernel must run here (a Hopper GPU) and agree bit for bit with the Triton one.
-        runs = _gluon_module() is not None and gluon_fits(x, config["BLOCK_M"], config["down"])
+        gluon = _gluon_module()
+        runs = gluon is not None and gluon.gluon_fits(x, config["BLOCK_M"], config["down"])
         triton_out = TritonExperts({**config, "down": {**config["down"], "GLUON": False}}).apply(
             x, ids, weights, w13, w2)
         gluon_ok = runs and torch.equal(outs[0], triton_out)
