@@ -105,10 +105,12 @@ def main():
             if not (cfg["down"].get("TMA") and _gluon_module().gluon_fits(h, cfg["BLOCK_M"], gluon_cfg["down"])):
                 print(f"| {E} | {T} | down | - | - | the tuned tile does not fit the Gluon kernel |", flush=True)
                 continue
-            ref = down_unpermute(h, w2, wts, align, cfg["down"], sms)
-            out = down_unpermute(h, w2, wts, align, gluon_cfg["down"], sms)
+            ref, ref_rows = down_unpermute(h, w2, wts, align, cfg["down"], sms)
+            out, out_rows = down_unpermute(h, w2, wts, align, gluon_cfg["down"], sms)
             local = ids.reshape(-1) >= 0
-            assert torch.equal(ref[local], out[local]), "Gluon and Triton down kernels disagree"
+            ref = ref[local] if ref_rows is None else ref[ref_rows[local].long()]
+            out = out[local] if out_rows is None else out[out_rows[local].long()]
+            assert torch.equal(ref, out), "Gluon and Triton down kernels disagree"
             fns = {"triton": lambda: down_unpermute(h, w2, wts, align, cfg["down"], sms),
                    "gluon": lambda: down_unpermute(h, w2, wts, align, gluon_cfg["down"], sms)}
             cases = [("down", fns)]

@@ -193,12 +193,12 @@ def triton_stages_ms(x, ids, weights, w13, w2, config_dir, budget_ms) -> dict:
     sms = experts.num_sms(x.device)
     align = align_pairs_to_blocks(ids, w13.shape[0], config["BLOCK_M"])
     h = gate_up_swiglu(x, w13, align, ids.shape[1], config["gate_up"], sms)
-    y = down_unpermute(h, w2, weights, align, config["down"], sms)
+    y, row_of_pair = down_unpermute(h, w2, weights, align, config["down"], sms)
     return {
         "align": median_ms(lambda: align_pairs_to_blocks(ids, w13.shape[0], config["BLOCK_M"]), budget_ms),
         "gate_up": median_ms(lambda: gate_up_swiglu(x, w13, align, ids.shape[1], config["gate_up"], sms), budget_ms),
         "down": median_ms(lambda: down_unpermute(h, w2, weights, align, config["down"], sms), budget_ms),
-        "topk_sum": median_ms(lambda: topk_sum(y, ids, w13.shape[0]), budget_ms),
+        "topk_sum": median_ms(lambda: topk_sum(y, ids, w13.shape[0], row_of_pair), budget_ms),
         "config": config,
     }
 

@@ -60,7 +60,8 @@ def run_case(name, M, E, H, I, dtype, routing, config, generator) -> bool:
     if config is not None and config["down"].get("GLUON"):
         # The Gluon down kernel must run here (a Hopper GPU) and agree bit for bit with the Triton one.
         gluon = _gluon_module()
-        runs = gluon is not None and gluon.gluon_fits(x, config["BLOCK_M"], config["down"])
+        runs = gluon is not None and gluon.gluon_fits(x, config["BLOCK_M"], config["down"],
+                                                      config["down"].get("SORTED_Y", False))
         triton_out = TritonExperts({**config, "down": {**config["down"], "GLUON": False}}).apply(
             x, ids, weights, w13, w2)
         gluon_ok = runs and torch.equal(outs[0], triton_out)
@@ -81,11 +82,12 @@ def run_case(name, M, E, H, I, dtype, routing, config, generator) -> bool:
     return ok
 
 
-def gluon_down(block_m: int, block_n: int, num_warps: int, num_stages: int) -> dict:
-    """A TMA config whose down GEMM runs the Gluon kernel (BLOCK_M = 16 rows per warp)."""
+def gluon_down(block_m: int, block_n: int, num_warps: int, num_stages: int, sorted_y: bool = False) -> dict:
+    """A TMA config whose down GEMM runs the Gluon kernel (BLOCK_M = 16 rows per warp); sorted_y: it writes
+    expert-sorted rows by TMA stores."""
     gate_up = {**default_config(4096)["gate_up"], "num_stages": 3, "TMA": True, "ONE_DOT": True}
     down = {"BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": num_warps, "num_stages": num_stages,
-            "TMA": True, "GLUON": True}
+            "TMA": True, "GLUON": True, "SORTED_Y": sorted_y}
     return {"BLOCK_M": block_m, "gate_up": gate_up, "down": down}
 
 
@@ -141,6 +143,21 @@ def main():
          gluon_down(64, 128, 4, 4)),
         ("EP=8 Gluon down, few tokens, idle programs", 100, 8, H, I, bf16, "skewed", gluon_down(128, 256, 8, 4)),
         ("fp16 Gluon down", 2049, 16, H, I, torch.float16, "uniform", gluon_down(128, 256, 8, 3)),
+        ("EP=1 sorted y 8194", 8194, 64, H, I, bf16, "uniform", {
+            "BLOCK_M": 128, "gate_up": {**default_config(4096)["gate_up"], "num_stages": 3, "TMA": True,
+                                        "ONE_DOT": True, "SORTED_X": True, "WARP_SPECIALIZE": True},
+            "down": {**default_config(4096)["down"], "num_stages": 3, "TMA": True, "SORTED_Y": True}}),
+        ("EP=2 sorted y, flattened, skewed, odd I", 3001, 32, H, 3000, bf16, "skewed", {
+            "BLOCK_M": 128, "gate_up": {**default_config(4096)["gate_up"], "TMA": True, "ONE_DOT": True},
+            "down": {**default_config(4096)["down"], "TMA": True, "SORTED_Y": True, "FLATTEN": True}}),
+        ("EP=4 sorted y, odd H, non-local", 1500, 16, 4000, I, bf16, "no_local_rows", {
+            "BLOCK_M": 64, "gate_up": {**default_config(4096)["gate_up"], "TMA": True},
+            "down": {**default_config(4096)["down"], "TMA": True, "SORTED_Y": True, "PROGRAMS_PER_SM": 0}}),
+        ("EP=1 Gluon down, sorted y 8194", 8194, 64, H, I, bf16, "uniform", gluon_down(128, 256, 8, 3, True)),
+        ("EP=2 Gluon sorted y, skewed", 4097, 32, H, I, bf16, "skewed", gluon_down(128, 256, 8, 3, True)),
+        ("EP=4 Gluon sorted y, odd H, I", 1500, 16, 4000, 3000, bf16, "no_local_rows",
+         gluon_down(64, 128, 4, 4, True)),
+        ("EP=8 Gluon sorted y, idle programs", 100, 8, H, I, bf16, "skewed", gluon_down(128, 256, 8, 3, True)),
     ]
     results = [run_case(*case, generator=g) for case in cases]
     print(f"{sum(results)}/{len(results)} cases passed")

@@ -41,6 +41,8 @@ ONE_DOT_PLAIN_GRID = {"BLOCK_M": 32, "gate_up": _tile(16, 16, 1, ONE_DOT=True, P
 TMA_TILES = {"BLOCK_M": 16, "gate_up": _tile(16, 32, 2, TMA=True), "down": _tile(32, 16, TMA=True)}
 TMA_SORTED_X = {"BLOCK_M": 16, "gate_up": _tile(32, 16, 2, TMA=True, SORTED_X=True, WARP_SPECIALIZE=True),
                 "down": _tile(16, 32, 1, TMA=True, WARP_SPECIALIZE=True, PROGRAMS_PER_SM=0)}
+# The down GEMM writes its tiles in sorted row order by TMA stores; the top-k sum gathers them (the un-permute).
+TMA_SORTED_Y = {"BLOCK_M": 16, "gate_up": TMA_SORTED_X["gate_up"], "down": _tile(32, 16, 2, TMA=True, SORTED_Y=True)}
 # Half tiles: a row block whose second half is all padding is multiplied as a BLOCK_M/2 tile.
 HALF_TILES = {"BLOCK_M": 32, "gate_up": _tile(16, 16, 2, HALF_TILES=True),
               "down": _tile(32, 16, 1, HALF_TILES=True)}
@@ -86,7 +88,7 @@ def _case_uniform(gen, config=SMALL_TILES):
     return _compare(TritonExperts(config).apply(x, ids, w, w13, w2), x, ids, w, w13, w2)
 
 
-def _case_skewed_empty_experts(gen):
+def _case_skewed_empty_experts(gen, config=ONE_DOT_PLAIN_GRID):
     M, K, E, H, I = 50, 3, 8, 32, 32
     x = torch.randn(M, H, generator=gen)
     w13, w2 = _weights(E, H, I, gen)
@@ -95,7 +97,7 @@ def _case_skewed_empty_experts(gen):
     ids = torch.where((ids == 3) | (ids == 4), -1, ids)  # experts 3 and 4 get none
     from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
 
-    return _compare(TritonExperts(ONE_DOT_PLAIN_GRID).apply(x, ids, w, w13, w2), x, ids, w, w13, w2)
+    return _compare(TritonExperts(config).apply(x, ids, w, w13, w2), x, ids, w, w13, w2)
 
 
 def _case_no_local_slot(gen):
@@ -182,7 +184,8 @@ def _case_out_of_range_ids_are_not_local(gen):
 
 
 def _case_alignment_layout(gen):
-    """Every local pair once, inside its expert's padded block range; padding rows hold the sentinel P.
+    """Every local pair once, inside its expert's padded block range; padding rows hold the sentinel P;
+    row_of_pair inverts sorted_pair.
     2400 pairs: several programs of the counting and placing kernels."""
     from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks
 
@@ -203,6 +206,9 @@ def _case_alignment_layout(gen):
         ok &= bool((ids.reshape(-1)[chunk[: counts[e]]] == e).all()) and bool((chunk[counts[e]:] == P).all())
         blocks = a.block_expert_B[start[e] // block_m: (start[e] + padded[e]) // block_m]
         ok &= bool((blocks == e).all())
+    local = torch.nonzero(ids.reshape(-1) >= 0).flatten()
+    ok &= bool((a.sorted_pair_R[a.row_of_pair_P[local].long()] == local).all())  # the inverse map
+    ok &= bool((a.row_of_pair_P[ids.reshape(-1) < 0] == -1).all())
     return {"layout_ok": bool(ok)}
 
 
@@ -225,6 +231,9 @@ CASES = {
     "odd_sizes_tma": lambda g: _case_odd_sizes_tma(g, TMA_TILES),
     "odd_sizes_tma_sorted_x": lambda g: _case_odd_sizes_tma(g, TMA_SORTED_X),
     "odd_sizes_tma_one_dot": lambda g: _case_odd_sizes_tma(g, TMA_ONE_DOT),
+    "uniform_tma_sorted_y": lambda g: _case_uniform(g, TMA_SORTED_Y),
+    "odd_sizes_tma_sorted_y": lambda g: _case_odd_sizes_tma(g, TMA_SORTED_Y),
+    "skewed_empty_experts_sorted_y": lambda g: _case_skewed_empty_experts(g, TMA_SORTED_Y),
     "uniform_tma_store_flatten": lambda g: _case_uniform(g, TMA_STORE_FLATTEN),
     "odd_sizes_tma_store_flatten": lambda g: _case_odd_sizes_tma(g, TMA_STORE_FLATTEN),
     "half_tiles": lambda g: _case_half_tiles(g, HALF_TILES),

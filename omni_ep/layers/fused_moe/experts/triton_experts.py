@@ -108,5 +108,5 @@ class TritonExperts(LocalExperts):
         sms = self.num_sms(x_MH.device)
         align = align_pairs_to_blocks(topk_ids, E, config["BLOCK_M"])
         h_RI = gate_up_swiglu(x_MH, w13, align, K, config["gate_up"], sms)
-        y_PH = down_unpermute(h_RI, w2, topk_weights, align, config["down"], sms)
-        return topk_sum(y_PH, topk_ids, E)
+        y, row_of_pair_P = down_unpermute(h_RI, w2, topk_weights, align, config["down"], sms)
+        return topk_sum(y, topk_ids, E, row_of_pair_P)

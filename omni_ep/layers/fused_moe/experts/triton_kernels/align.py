@@ -24,11 +24,14 @@ class BlockAlignment:
                                  rows from num_padded_rows on are unwritten
     block_expert_B:   [B] int32  local expert of each block of BLOCK_M rows; E past the used blocks
     num_padded_rows:  [1] int32  rows in use (a multiple of BLOCK_M), read by the GEMMs on the device
+    row_of_pair_P:    [P] int32  the row of each local pair (the inverse of sorted_pair_R); -1 for pairs whose
+                                 expert is not local
     """
 
     sorted_pair_R: torch.Tensor
     block_expert_B: torch.Tensor
     num_padded_rows: torch.Tensor
+    row_of_pair_P: torch.Tensor
     block_m: int
     num_pairs: int
 
@@ -78,9 +81,10 @@ def _block_offsets_kernel(
 
 
 @triton.jit
-def _place_pairs_kernel(ids_ptr, rank_ptr, expert_start_ptr, sorted_pair_ptr, num_pairs, num_experts,
-                        BLOCK: tl.constexpr):
-    """sorted_pair[start[e] + rank[p]] = p for every local pair p of expert e."""
+def _place_pairs_kernel(ids_ptr, rank_ptr, expert_start_ptr, sorted_pair_ptr, row_of_pair_ptr, num_pairs,
+                        num_experts, BLOCK: tl.constexpr):
+    """sorted_pair[start[e] + rank[p]] = p and row_of_pair[p] = start[e] + rank[p] for every local pair p of
+    expert e; row_of_pair[p] = -1 for the others."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < num_pairs
     ids = tl.load(ids_ptr + offs, mask=in_range, other=-1).to(tl.int32)
@@ -88,6 +92,7 @@ def _place_pairs_kernel(ids_ptr, rank_ptr, expert_start_ptr, sorted_pair_ptr, nu
     start = tl.load(expert_start_ptr + ids, mask=local, other=0)
     rank = tl.load(rank_ptr + offs, mask=local, other=0)
     tl.store(sorted_pair_ptr + start + rank, offs, mask=local)
+    tl.store(row_of_pair_ptr + offs, tl.where(local, start + rank, -1), mask=in_range)
 
 
 def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> BlockAlignment:
@@ -105,6 +110,7 @@ def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int
     max_blocks = triton.cdiv(max_rows, block_m)
     counts_E = torch.zeros(num_experts, dtype=torch.int32, device=device)
     rank_P = torch.empty(num_pairs, dtype=torch.int32, device=device)
+    row_of_pair_P = torch.empty(num_pairs, dtype=torch.int32, device=device)
     expert_start_E = torch.empty(num_experts, dtype=torch.int32, device=device)
     block_expert_B = torch.empty(max_blocks, dtype=torch.int32, device=device)
     num_padded_rows = torch.empty(1, dtype=torch.int32, device=device)
@@ -117,5 +123,6 @@ def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int
         counts_E, expert_start_E, block_expert_B, num_padded_rows, sorted_pair_R, num_pairs, num_experts, max_blocks,
         BLOCK_M=block_m, E_POW2=triton.next_power_of_2(num_experts), BLOCK_B=256,
     )
-    _place_pairs_kernel[grid](ids_P, rank_P, expert_start_E, sorted_pair_R, num_pairs, num_experts, BLOCK=block)
-    return BlockAlignment(sorted_pair_R, block_expert_B, num_padded_rows, block_m, num_pairs)
+    _place_pairs_kernel[grid](ids_P, rank_P, expert_start_E, sorted_pair_R, row_of_pair_P, num_pairs, num_experts,
+                              BLOCK=block)
+    return BlockAlignment(sorted_pair_R, block_expert_B, num_padded_rows, row_of_pair_P, block_m, num_pairs)

@@ -24,13 +24,22 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
+from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import ring_fits
 
-# Triton 3.6 calls the TMA load async_copy_global_to_shared; later versions call it async_load.
+# Triton 3.6 calls the TMA load and store async_copy_global_to_shared / _shared_to_global; later versions call
+# them async_load / async_store.
 tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
 
 
 @gluon.jit
@@ -53,9 +62,10 @@ def _load_k_step(pred, m_block, n_block, expert, k_step, h_desc, w_desc, h_stage
 
 
 @gluon.jit
-def _down_unpermute_gluon_kernel(h_desc, w_desc, y_ptr, topk_weights_ptr, sorted_pair_ptr, block_expert_ptr,
+def _down_unpermute_gluon_kernel(h_desc, w_desc, y_ptr, y_desc, topk_weights_ptr, sorted_pair_ptr, block_expert_ptr,
                                  num_padded_ptr, num_pairs, H, I, stride_ym,
-                                 GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                                 GROUP_M: gl.constexpr, STAGES: gl.constexpr, SORTED_Y: gl.constexpr,
+                                 num_warps: gl.constexpr):
     BLOCK_M: gl.constexpr = h_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = h_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -68,6 +78,8 @@ def _down_unpermute_gluon_kernel(h_desc, w_desc, y_ptr, topk_weights_ptr, sorted
     h_stages = gl.allocate_shared_memory(h_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], h_desc.layout)
     w_stages = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    if SORTED_Y:
+        y_tile = gl.allocate_shared_memory(y_desc.dtype, [BLOCK_M, BLOCK_N], y_desc.layout)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
 
@@ -112,33 +124,46 @@ def _down_unpermute_gluon_kernel(h_desc, w_desc, y_ptr, topk_weights_ptr, sorted
             step += 1
         acc = warpgroup_mma_wait(0, deps=(acc, ))
 
-        y = gl.convert_layout((acc * weight[:, None]).to(y_ptr.dtype.element_ty), store_layout)
-        cols = n_block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_layout))
-        y_ptrs = y_ptr + store_pair[:, None].to(gl.int64) * stride_ym + cols[None, :]
-        gl.store(y_ptrs, y, mask=(store_pair < num_pairs)[:, None] & (cols[None, :] < H))
+        if SORTED_Y:
+            # The copy engine writes the tile while the next one is multiplied; its previous store has had a
+            # whole tile's K loop to finish before the staging tile is overwritten.
+            tma.store_wait(0)
+            y_tile.store((acc * weight[:, None]).to(y_desc.dtype))
+            fence_async_shared()
+            tma_store(y_desc, [m_block * BLOCK_M, n_block * BLOCK_N], y_tile)
+        else:
+            y = gl.convert_layout((acc * weight[:, None]).to(y_ptr.dtype.element_ty), store_layout)
+            cols = n_block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, store_layout))
+            y_ptrs = y_ptr + store_pair[:, None].to(gl.int64) * stride_ym + cols[None, :]
+            gl.store(y_ptrs, y, mask=(store_pair < num_pairs)[:, None] & (cols[None, :] < H))
         m_block, n_block, expert = next_m, next_n, next_expert
 
+    if SORTED_Y:
+        tma.store_wait(0)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
 
-def gluon_fits(h_RI: torch.Tensor, block_m: int, config: dict) -> bool:
+def gluon_fits(h_RI: torch.Tensor, block_m: int, config: dict, sorted_y: bool = False) -> bool:
     """Whether this kernel runs the config: a Hopper GPU, 16-bit floats, BLOCK_M = 16 rows per warp in whole
-    warpgroups, BLOCK_N a multiple of 8 up to 256, and at least STAGES - 1 K steps."""
-    warps, stages = config["num_warps"], config["num_stages"]
+    warpgroups, BLOCK_N a multiple of 8 up to 256, at least STAGES - 1 K steps, and the operand ring (plus the
+    output staging tile with sorted_y) in shared memory."""
+    warps, stages, block_n, block_k = config["num_warps"], config["num_stages"], config["BLOCK_N"], config["BLOCK_K"]
     return (
         h_RI.device.type == "cuda"
         and torch.cuda.get_device_capability(h_RI.device)[0] == 9
         and h_RI.dtype in (torch.bfloat16, torch.float16)
         and warps % 4 == 0 and block_m == 16 * warps
-        and config["BLOCK_N"] % 8 == 0 and config["BLOCK_N"] <= 256
-        and stages >= 2 and triton.cdiv(h_RI.shape[1], config["BLOCK_K"]) >= stages - 1
+        and block_n % 8 == 0 and block_n <= 256
+        and stages >= 2 and triton.cdiv(h_RI.shape[1], block_k) >= stages - 1
+        and ring_fits(block_m, block_n, block_k, stages, h_RI.element_size(), sorted_y)
     )
 
 
-def down_unpermute_gluon(h_RI: torch.Tensor, w2_EHI: torch.Tensor, weights_P: torch.Tensor, y_PH: torch.Tensor,
-                         align: BlockAlignment, config: dict, programs: int) -> None:
-    """Writes y [P, H] (rows of local pairs) from h [R, I], w2 [E, H, I] (contiguous), weights [P]."""
+def down_unpermute_gluon(h_RI: torch.Tensor, w2_EHI: torch.Tensor, weights_P: torch.Tensor, y: torch.Tensor,
+                         align: BlockAlignment, config: dict, programs: int, sorted_y: bool = False) -> None:
+    """Writes y from h [R, I], w2 [E, H, I] (contiguous), weights [P]: y [P, H] (rows of local pairs), or with
+    sorted_y y [R, H] in h's row order (by TMA stores)."""
     E, H, I = w2_EHI.shape
     block_m, block_n, block_k = align.block_m, config["BLOCK_N"], config["BLOCK_K"]
     dtype = gl.bfloat16 if h_RI.dtype == torch.bfloat16 else gl.float16
@@ -146,8 +171,12 @@ def down_unpermute_gluon(h_RI: torch.Tensor, w2_EHI: torch.Tensor, weights_P: to
     w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], dtype)
     h_desc = TensorDescriptor.from_tensor(h_RI, [block_m, block_k], h_layout)
     w_desc = TensorDescriptor.from_tensor(w2_EHI.view(E * H, I), [block_n, block_k], w_layout)
+    y_desc = None
+    if sorted_y:
+        y_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_n], dtype)
+        y_desc = TensorDescriptor.from_tensor(y, [block_m, block_n], y_layout)
     _down_unpermute_gluon_kernel[(programs,)](
-        h_desc, w_desc, y_PH, weights_P, align.sorted_pair_R, align.block_expert_B, align.num_padded_rows,
-        align.num_pairs, H, I, y_PH.stride(0),
-        GROUP_M=config["GROUP_M"], STAGES=config["num_stages"], num_warps=config["num_warps"],
+        h_desc, w_desc, y, y_desc, weights_P, align.sorted_pair_R, align.block_expert_B, align.num_padded_rows,
+        align.num_pairs, H, I, y.stride(0),
+        GROUP_M=config["GROUP_M"], STAGES=config["num_stages"], SORTED_Y=sorted_y, num_warps=config["num_warps"],
     )

@@ -4,6 +4,15 @@ import torch
 import triton
 import triton.language as tl
 
+SHARED_MEMORY_BYTES = 227 * 1024  # per block on Hopper (sm_90), the opt-in maximum
+
+
+def ring_fits(block_m: int, block_n: int, block_k: int, stages: int, element_size: int, out_tile: bool) -> bool:
+    """Whether `stages` operand tiles [block_m, block_k] + [block_n, block_k] (and, with out_tile, one
+    [block_m, block_n] output staging tile) fit in a Hopper block's shared memory, with 1 KiB to spare."""
+    tiles = stages * (block_m + block_n) * block_k + (block_m * block_n if out_tile else 0)
+    return tiles * element_size + 1024 <= SHARED_MEMORY_BYTES
+
 
 @triton.jit
 def grouped_tile(tile, num_m_blocks, num_n_blocks, GROUP_M: tl.constexpr):

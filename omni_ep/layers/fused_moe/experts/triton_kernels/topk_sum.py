@@ -1,6 +1,9 @@
-"""Sum each token's local slots: out[m] = sum_{k : ids[m, k] >= 0} y[m*K + k], accumulated in fp32.
+"""Sum each token's local slots: out[m] = sum_{k : ids[m, k] >= 0} y[row(m*K + k)], accumulated in fp32.
 
-Shape legend: M tokens, K top-k slots, H hidden.
+row(p) is p where the down GEMM wrote its rows in pair order, and align's row_of_pair[p] where it wrote them in
+expert-sorted order (then this sum is also the un-permute).
+
+Shape legend: M tokens, K top-k slots, P = M*K pairs, H hidden, R rows of y.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, H, num_experts, stride_ym, stride_om,
-                     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _topk_sum_kernel(y_ptr, ids_ptr, row_of_pair_ptr, out_ptr, H, num_experts, stride_ym, stride_om,
+                     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, GATHER: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_h = cols < H
@@ -20,20 +23,27 @@ def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, H, num_experts, stride_ym, stride_
     for k in tl.static_range(TOP_K):
         expert = tl.load(ids_ptr + m * TOP_K + k + tl.zeros((BLOCK_H,), dtype=tl.int32))  # broadcast per column
         local = in_h & (expert >= 0) & (expert < num_experts)
-        acc += tl.load(y_ptr + (m * TOP_K + k) * stride_ym + cols, mask=local, other=0.0).to(tl.float32)
+        row = m * TOP_K + k
+        if GATHER:
+            row = tl.load(row_of_pair_ptr + row + tl.zeros((BLOCK_H,), dtype=tl.int32), mask=local, other=0)
+            row = row.to(tl.int64)
+        acc += tl.load(y_ptr + row * stride_ym + cols, mask=local, other=0.0).to(tl.float32)
     tl.store(out_ptr + m * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=in_h)
 
 
-def topk_sum(y_PH: torch.Tensor, topk_ids_MK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """y [M*K, H] (rows of non-local slots unread), topk_ids [M, K] -> out [M, H] in y's dtype."""
+def topk_sum(y_RH: torch.Tensor, topk_ids_MK: torch.Tensor, num_experts: int,
+             row_of_pair_P: torch.Tensor | None = None) -> torch.Tensor:
+    """y [R, H], topk_ids [M, K] -> out [M, H] in y's dtype. Pair p = m*K + k is row p of y (R = P), or row
+    row_of_pair_P[p] where that [P] int32 map is given; rows of non-local slots are not read."""
     M, K = topk_ids_MK.shape
-    H = y_PH.shape[1]
+    H = y_RH.shape[1]
     ids = topk_ids_MK if topk_ids_MK.is_contiguous() else topk_ids_MK.contiguous()
-    out_MH = torch.empty(M, H, dtype=y_PH.dtype, device=y_PH.device)
+    out_MH = torch.empty(M, H, dtype=y_RH.dtype, device=y_RH.device)
     if M == 0:
         return out_MH
     block_h = min(1024, triton.next_power_of_2(H))
     _topk_sum_kernel[(M, triton.cdiv(H, block_h))](
-        y_PH, ids, out_MH, H, num_experts, y_PH.stride(0), out_MH.stride(0), TOP_K=K, BLOCK_H=block_h
+        y_RH, ids, row_of_pair_P, out_MH, H, num_experts, y_RH.stride(0), out_MH.stride(0), TOP_K=K,
+        BLOCK_H=block_h, GATHER=row_of_pair_P is not None,
     )
     return out_MH
