@@ -13,9 +13,9 @@ writes E{E}_N{I}_{device}.json per E (format in omni_ep/.../triton_configs.py).
 
 --refine starts from the files already there (in --out-dir, else the package's) instead of sweeping tiles:
 for each point it times the whole path (TritonExperts.apply) with one change at a time (down first, then gate_up:
-stages, group size, FLATTEN, HALF_TILES, TMA_STORE, ONE_DOT) in rounds interleaved with the current config, and
-keeps the best change where the median of the per-round speedups passes --min-gain twice: in the screen of all
-candidates and in a two-way A/B that confirms it. Each timed slot follows 300 ms of untimed runs of the same
+stages, group size, FLATTEN, HALF_TILES, TMA_STORE, ONE_DOT, GLUON + SORTED_Y) in rounds interleaved with the
+current config, and keeps the best change where the median of the per-round speedups passes --min-gain twice: in
+the screen of all candidates and in a two-way A/B that confirms it. Each timed slot follows 300 ms of untimed runs of the same
 config (bench_moe.interleaved_ms): on a power-capped card a kernel timed right after another partly runs at the
 other's clock, which flips few-percent verdicts:
 
@@ -63,7 +63,7 @@ def block_m_candidates(num_tokens: int) -> list[int]:
 def tile_candidates(block_m: int, gemm: str) -> list[dict]:
     """Tiles that fit Hopper's shared memory at this BLOCK_M; gate_up holds two B tiles (gate and up).
     ONE_DOT: gate_up as one MMA twice as wide; PROGRAMS_PER_SM 0: a plain grid instead of a persistent one;
-    TMA / SORTED_X / WARP_SPECIALIZE / HALF_TILES: see the kernels' docstrings."""
+    TMA / SORTED_X / WARP_SPECIALIZE / HALF_TILES / GLUON / SORTED_Y: see the kernels' docstrings."""
     if block_m <= 32:
         return [tile(64, 128, 1, 4, 4), tile(128, 128, 1, 4, 3), tile(64, 64, 1, 4, 5), tile(128, 64, 1, 4, 4),
                 tile(32, 128, 1, 4, 4)]
@@ -91,7 +91,8 @@ def tile_candidates(block_m: int, gemm: str) -> list[dict]:
             tile(256, 64, 8, 8, 3, TMA=True), tile(256, 64, 8, 8, 4, TMA=True), tile(256, 64, 16, 8, 4, TMA=True),
             tile(256, 64, 8, 8, 4, TMA=True, PROGRAMS_PER_SM=0), tile(128, 64, 8, 8, 4, TMA=True),
             tile(128, 128, 8, 8, 3, TMA=True), tile(256, 64, 8, 8, 3, TMA=True, WARP_SPECIALIZE=True),
-            tile(256, 64, 8, 8, 3, TMA=True, HALF_TILES=True), tile(256, 64, 8, 8, 4, TMA=True, HALF_TILES=True)]
+            tile(256, 64, 8, 8, 3, TMA=True, HALF_TILES=True), tile(256, 64, 8, 8, 4, TMA=True, HALF_TILES=True),
+            tile(256, 64, 8, 8, 3, TMA=True, GLUON=True, SORTED_Y=True)]
 
 
 def time_ms(fn) -> float:
@@ -132,7 +133,7 @@ def tune_point(x, ids, weights, w13, w2, num_sms: int, verbose: bool, block_ms=N
 
 REFINEMENTS = {  # tried one at a time on top of the current config, down first
     "down": [{"num_stages": 4}, {"GROUP_M": 4}, {"GROUP_M": 16}, {"FLATTEN": True},
-             {"FLATTEN": True, "num_stages": 4}],
+             {"FLATTEN": True, "num_stages": 4}, {"GLUON": True, "SORTED_Y": True, "num_stages": 3}],
     "gate_up": [{"num_stages": 4}, {"GROUP_M": 4}, {"GROUP_M": 16}, {"HALF_TILES": True}, {"TMA_STORE": True},
                 {"FLATTEN": True}, {"ONE_DOT": True}],
 }

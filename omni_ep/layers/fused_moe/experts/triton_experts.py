@@ -1,5 +1,6 @@
 """Local-expert compute in Triton: align pairs to blocks, gate_up GEMM + SwiGLU, down GEMM + weight +
-un-permute, top-k sum. No host sync anywhere: safe for CUDA graphs and overlapped communication.
+un-permute (in its stores, or with SORTED_Y in the top-k sum's loads), top-k sum. No host sync anywhere: safe
+for CUDA graphs and overlapped communication.
 
 Shape legend: M tokens, K top-k slots, P = M*K pairs, H hidden, I intermediate, E local experts,
 R padded expert-sorted rows.

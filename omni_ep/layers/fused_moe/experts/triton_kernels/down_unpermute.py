@@ -2,8 +2,9 @@
 
 y[p, :] = w[p] * (h[r] @ w2[e].T) for row r holding pair p = m*K + k: the un-permute is the store address,
 so no sorted copy of the output is kept. Rows of pairs that are not local are never written. With SORTED_Y
-(and TMA, where its staging tile fits in shared memory) the tile is instead written by the copy engine to the same sorted rows it was computed on, y_sorted
-[R, H] (padding rows unread), and the top-k sum reads each pair's row through align's row_of_pair. With the TMA
+(and TMA, where its staging tile fits in shared memory) the tile is instead written by the copy engine to the
+sorted rows it was computed on, y_sorted [R, H] (padding rows unread), and the top-k sum reads each pair's row
+through align's row_of_pair: the un-permute moves into the sum's loads. With the TMA
 config flag both operand tiles are read by the copy engine through tensor descriptors (Hopper and later),
 and WARP_SPECIALIZE asks Triton to warp-specialise the K loop. With HALF_TILES a row block whose lower half is
 all padding (the tail of an expert's rows) is multiplied as a BLOCK_M/2 tile: half the MMA work there. With

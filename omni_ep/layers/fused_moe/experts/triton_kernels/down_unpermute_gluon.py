@@ -7,10 +7,14 @@ that flips when its two copies have landed. One wgmma stays in flight while the 
 stage the finished one read is refilled at once, with the K steps of the program's next tile as soon as this
 tile's run out: the next tile's first operands arrive during this tile's epilogue. The next tile's expert
 and this tile's pair ids and routing weights are read at the start of a tile, so no load waits in the loop.
-Measured against the Triton kernel with the same tiles (H100, `benchmarks/ab_gluon_down.py`): at parity,
-x0.996-1.037 (`benchmarks/results/moe_h100_gluon.log`), so the tuned files leave the GLUON flag off. Kept as
-the base for an epilogue that overlaps the next tile's MMAs (warp specialisation), which plain Triton cannot
-express: the epilogue is ~8% of this GEMM's time against ~2% in cuBLAS.
+With SORTED_Y the tile goes to the sorted rows it was computed on: written once into a shared-memory staging
+tile, then by an asynchronous TMA store that is waited for only before the next tile's epilogue, so the copy
+engine writes it during the next tile's K loop.
+Measured against the Triton kernel with the same tiles: scattered stores at parity (H100, x0.996-1.037,
+`benchmarks/results/moe_h100_gluon.log`); with SORTED_Y the whole path gains x1.01-1.03 on the H100 and the
+H200 (`benchmarks/results/ab_sorted_y_h100.md`), where the Triton kernel's own TMA store gains nothing. The
+tuned files use it there. What plain Triton cannot express and this kernel could grow into: an epilogue that
+overlaps the next tile's MMAs (warp specialisation).
 
 Needs Triton with Gluon (3.6 or later) and a compute-capability-9 GPU; the caller checks (`gluon_fits`).
 Not run by CI: Gluon kernels do not run under TRITON_INTERPRET; `benchmarks/check_moe_gpu.py` checks it on a GPU.
