@@ -15,9 +15,9 @@ writes E{E}_N{I}_{device}.json per E (format in omni_ep/.../triton_configs.py).
 for each point it times the whole path (TritonExperts.apply) with one change at a time (down first, then gate_up:
 stages, group size, FLATTEN, HALF_TILES, TMA_STORE, ONE_DOT, GLUON + SORTED_Y) in rounds interleaved with the
 current config, and keeps the best change where the median of the per-round speedups passes --min-gain twice: in
-the screen of all candidates and in a two-way A/B that confirms it. Each timed slot follows 300 ms of untimed runs of the same
-config (bench_moe.interleaved_ms): on a power-capped card a kernel timed right after another partly runs at the
-other's clock, which flips few-percent verdicts:
+the screen of all candidates and in a two-way A/B that confirms it. Each timed slot follows 300 ms of untimed
+runs of the same config (bench_moe.interleaved_ms): on a power-capped card a kernel timed right after another
+partly runs at the other's clock, which flips few-percent verdicts:
 
   python benchmarks/tune_moe.py --refine --experts 64 32 16 8 --tokens 1024 4096 8192 16384 \
       --out-dir omni_ep/layers/fused_moe/experts/configs

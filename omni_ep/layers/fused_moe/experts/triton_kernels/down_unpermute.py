@@ -98,7 +98,7 @@ def _down_unpermute_kernel(
             else:
                 _down_tile(h_ptr, h_desc, w2_ptr, w_desc, y_ptr, y_desc, topk_weights_ptr, sorted_pair_ptr,
                            expert, row0, n_block, num_pairs, H, I, stride_hm, stride_we, stride_wn, stride_ym,
-                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, WARP_SPECIALIZE, SORTED_Y)
+                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, WARP_SPECIALIZE, False)
         else:
             _down_tile(h_ptr, h_desc, w2_ptr, w_desc, y_ptr, y_desc, topk_weights_ptr, sorted_pair_ptr,
                        expert, row0, n_block, num_pairs, H, I, stride_hm, stride_we, stride_wn, stride_ym,
