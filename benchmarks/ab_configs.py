@@ -26,7 +26,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_moe import ep_routing, expert_weights, interleaved_ms, paired_ratio  # noqa: E402
+from bench_moe import ep_routing, expert_weights, interleaved_ms, paired_ratio, write_ab_json  # noqa: E402
 
 from omni_ep.layers.fused_moe.experts.triton_configs import moe_config  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts  # noqa: E402
@@ -96,10 +96,7 @@ def main():
         del w13, w2, x, ref
         torch.cuda.empty_cache()
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "triton": triton.__version__,
-                                         "date": str(date.today()), "command": " ".join(sys.argv),
-                                         "rows": rows}, indent=1))
+        write_ab_json(args.json, rows=rows)
     if not all(r["bitwise_equal"] for r in rows):
         raise SystemExit("some variant's output differs from the tuned config's")
 

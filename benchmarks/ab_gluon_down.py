@@ -13,7 +13,6 @@ along K: I for down, H for gate_up); main loop of K = t(2K) - t(K), fixed = 2 t(
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from datetime import date
@@ -24,7 +23,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_moe import ep_routing, expert_weights, interleaved_ms, paired_ratio  # noqa: E402
+from bench_moe import ep_routing, expert_weights, interleaved_ms, paired_ratio, write_ab_json  # noqa: E402
 
 from omni_ep.layers.fused_moe.experts.triton_configs import moe_config  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts  # noqa: E402
@@ -68,9 +67,7 @@ def k_scaling(args, E: int = 64, T: int = 8194, H: int = 4096, I: int = 3072, K:
         main_loop, fixed = t[f"{k} 2K"] - t[k], 2 * t[k] - t[f"{k} 2K"]
         print(f"| {k} | {t[k]:.3f} | {t[f'{k} 2K']:.3f} | {main_loop:.3f} | {fixed:.3f} | {fixed / t[k]:.1%} |")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": name, "date": str(date.today()), "command": " ".join(sys.argv),
-                                         "rows": rows, "times_ms": times}, indent=1))
+        write_ab_json(args.json, rows=rows, times_ms=times)
 
 
 def main():
@@ -131,10 +128,7 @@ def main():
         del w13, w2
         torch.cuda.empty_cache()
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "triton": triton.__version__,
-                                         "date": str(date.today()), "command": " ".join(sys.argv),
-                                         "rows": rows}, indent=1))
+        write_ab_json(args.json, rows=rows)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,16 @@ def interleaved_ms(fns: dict, budget_ms: float = 300.0, rounds: int = 5, max_cal
     return times
 
 
+def write_ab_json(path: Path, **results) -> None:
+    """results plus device, versions, date and the command line, as JSON at path (folders made as needed)."""
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**meta, **results}, indent=1))
+
+
 def paired_ratio(times: dict[str, list], name: str, baseline: str) -> float:
     """Median over rounds of baseline time / name time (> 1: name is faster), from interleaved_ms."""
     return statistics.median(b / t for t, b in zip(times[name], times[baseline]))
