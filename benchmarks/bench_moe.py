@@ -119,14 +119,18 @@ def interleaved_ms(fns: dict, budget_ms: float = 300.0, rounds: int = 5, max_cal
     return times
 
 
-def write_ab_json(path: Path, **results) -> None:
-    """results plus device, versions, date and the command line, as JSON at path (folders made as needed)."""
+def run_meta() -> dict:
+    """Device, versions, date and the command line of this run, for the JSON a script writes."""
     import triton
 
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
+
+
+def write_ab_json(path: Path, **results) -> None:
+    """results plus run_meta(), as JSON at path (folders made as needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**meta, **results}, indent=1))
+    path.write_text(json.dumps({**run_meta(), **results}, indent=1))
 
 
 def paired_ratio(times: dict[str, list], name: str, baseline: str) -> float:
@@ -138,7 +142,7 @@ def dense_dispatch_loop(x_MH, ids_MK, weights_MK, w13, w2):
     """Per-expert loop over a dense dispatch tensor [M, E, C] (C = busiest expert's load), as the official
     HunyuanImage-3.0 eager MoE does: einsum dispatch, one MLP per expert on its C rows, einsum combine."""
     M, K = ids_MK.shape
-    E, I = w13.shape[0], w2.shape[2]
+    E = w13.shape[0]
     local_P = ids_MK.reshape(-1) >= 0
     expert_P = torch.where(local_P, ids_MK.reshape(-1), E).long()
     one_hot_PE = F.one_hot(expert_P, E + 1)[:, :E]

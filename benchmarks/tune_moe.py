@@ -26,18 +26,16 @@ partly runs at the other's clock, which flips few-percent verdicts:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
 
 import torch
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_moe import ep_routing, expert_weights, interleaved_ms, paired_ratio  # noqa: E402
+from bench_moe import ep_routing, expert_weights, interleaved_ms, paired_ratio, run_meta  # noqa: E402
 
 from omni_ep.layers.fused_moe.experts.triton_configs import CONFIG_DIR, config_file_name  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts  # noqa: E402
@@ -203,9 +201,7 @@ def main():
     for num_local in args.experts:
         w13, w2 = expert_weights(num_local, H, I, torch.bfloat16, "cuda", generator)
         path = args.out_dir / config_file_name(num_local, I, device_name)
-        meta = {"device": device_name, "triton": triton.__version__, "torch": torch.__version__,
-                "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
-                "routing": "64 global experts, top-8, this rank's E local ones (others -1)"}
+        meta = {**run_meta(), "routing": "64 global experts, top-8, this rank's E local ones (others -1)"}
         table = {"_meta": meta}
         if args.refine:
             start = path if path.exists() else CONFIG_DIR / path.name
