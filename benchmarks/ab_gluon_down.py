@@ -28,7 +28,8 @@ from bench_moe import ep_routing, expert_weights, interleaved_ms, paired_ratio, 
 from omni_ep.layers.fused_moe.experts.triton_configs import moe_config  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks  # noqa: E402
-from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import _gluon_module, down_unpermute  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import down_unpermute  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import gluon_module  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gate_up_swiglu  # noqa: E402
 
 
@@ -99,7 +100,8 @@ def main():
             gluon_cfg = {**cfg, "down": {**cfg["down"], "GLUON": True}}
             align = align_pairs_to_blocks(ids, E, cfg["BLOCK_M"])
             h = gate_up_swiglu(x, w13, align, K, cfg["gate_up"], sms)
-            if not (cfg["down"].get("TMA") and _gluon_module().gluon_fits(h, cfg["BLOCK_M"], gluon_cfg["down"])):
+            gluon = gluon_module("down_unpermute_gluon")
+            if not (cfg["down"].get("TMA") and gluon.gluon_fits(h, cfg["BLOCK_M"], gluon_cfg["down"])):
                 print(f"| {E} | {T} | down | - | - | the tuned tile does not fit the Gluon kernel |", flush=True)
                 continue
             ref, ref_rows = down_unpermute(h, w2, wts, align, cfg["down"], sms)

@@ -22,7 +22,7 @@ from bench_moe import ep_routing, expert_weights  # noqa: E402
 from omni_ep.layers.fused_moe.experts.torch_experts import TorchExperts  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_configs import default_config  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts  # noqa: E402
-from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import _gluon_module  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import gluon_module  # noqa: E402
 
 
 def poison_allocator(num_bytes: int = 4 << 30):
@@ -59,13 +59,24 @@ def run_case(name, M, E, H, I, dtype, routing, config, generator) -> bool:
     gluon_ok, gluon_note = True, ""
     if config is not None and config["down"].get("GLUON"):
         # The Gluon down kernel must run here (a Hopper GPU) and agree bit for bit with the Triton one.
-        gluon = _gluon_module()
+        gluon = gluon_module("down_unpermute_gluon")
         runs = gluon is not None and gluon.gluon_fits(x, config["BLOCK_M"], config["down"],
                                                       config["down"].get("SORTED_Y", False))
         triton_out = TritonExperts({**config, "down": {**config["down"], "GLUON": False}}).apply(
             x, ids, weights, w13, w2)
         gluon_ok = runs and torch.equal(outs[0], triton_out)
         gluon_note = f" gluon_ran={runs} same_as_triton_down={torch.equal(outs[0], triton_out)}"
+    if config is not None and config["gate_up"].get("GLUON"):
+        # The Gluon gate_up kernel must run here and agree bit for bit with the Triton ONE_DOT kernel.
+        gluon = gluon_module("gate_up_swiglu_gluon")
+        runs = gluon is not None and gluon.gluon_gate_up_fits(x, w13, config["BLOCK_M"], config["gate_up"])
+        should_run = I % config["gate_up"]["BLOCK_N"] == 0  # otherwise the Triton kernel runs instead
+        triton_gate_up = {**config["gate_up"], "GLUON": False, "ONE_DOT": True, "SORTED_X": True}
+        triton_out = TritonExperts({**config, "gate_up": triton_gate_up}).apply(
+            x, ids, weights, w13, w2)
+        same = torch.equal(outs[0], triton_out)
+        gluon_ok = gluon_ok and runs == should_run and same
+        gluon_note += f" gate_up_gluon_ran={runs} same_as_triton_gate_up={same}"
     ref = TorchExperts().apply(x.float(), ids, weights, w13.float(), w2.float())
     out = outs[0]
     err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -89,6 +100,14 @@ def gluon_down(block_m: int, block_n: int, num_warps: int, num_stages: int, sort
     down = {"BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": num_warps, "num_stages": num_stages,
             "TMA": True, "GLUON": True, "SORTED_Y": sorted_y}
     return {"BLOCK_M": block_m, "gate_up": gate_up, "down": down}
+
+
+def gluon_gate_up(block_m: int, num_stages: int) -> dict:
+    """A config whose gate_up GEMM runs the Gluon kernel (loads from a warp of their own) and whose down GEMM runs
+    the Gluon sorted-y kernel."""
+    gate_up = {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": block_m // 16, "num_stages": num_stages,
+               "TMA": True, "ONE_DOT": True, "GLUON": True}
+    return {**gluon_down(block_m, 256 if block_m == 128 else 128, block_m // 16, 3, True), "gate_up": gate_up}
 
 
 def main():
@@ -158,6 +177,15 @@ def main():
         ("EP=4 Gluon sorted y, odd H, I", 1500, 16, 4000, 3000, bf16, "no_local_rows",
          gluon_down(64, 128, 4, 4, True)),
         ("EP=8 Gluon sorted y, idle programs", 100, 8, H, I, bf16, "skewed", gluon_down(128, 256, 8, 3, True)),
+        ("EP=1 Gluon gate_up 8194", 8194, 64, H, I, bf16, "uniform", gluon_gate_up(128, 3)),
+        ("EP=2 Gluon gate_up, skewed, empty experts", 4097, 32, H, I, bf16, "skewed", gluon_gate_up(128, 3)),
+        ("EP=4 Gluon gate_up 64-row blocks, 4 stages, non-local", 1500, 16, H, I, bf16, "no_local_rows",
+         gluon_gate_up(64, 4)),
+        ("EP=8 Gluon gate_up, few tokens, idle programs", 100, 8, H, I, bf16, "skewed", gluon_gate_up(128, 3)),
+        ("fp16 Gluon gate_up, odd token count", 2049, 16, H, I, torch.float16, "uniform", gluon_gate_up(128, 3)),
+        ("EP=1 Gluon gate_up, odd H, 4 stages", 777, 64, 4000, I, bf16, "skewed", gluon_gate_up(128, 4)),
+        ("EP=2 Gluon gate_up, I not a multiple of BLOCK_N (falls back)", 1000, 32, H, 3000, bf16, "uniform",
+         gluon_gate_up(128, 3)),
     ]
     results = [run_case(*case, generator=g) for case in cases]
     print(f"{sum(results)}/{len(results)} cases passed")

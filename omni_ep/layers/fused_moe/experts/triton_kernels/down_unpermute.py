@@ -17,14 +17,13 @@ R padded sorted rows (see align.py).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
 from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import (
+    gluon_module,
     grouped_tile,
     persistent_programs,
     pointer_k_loop,
@@ -105,16 +104,6 @@ def _down_unpermute_kernel(
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, WARP_SPECIALIZE, SORTED_Y)
 
 
-@functools.lru_cache(maxsize=None)
-def _gluon_module():
-    """down_unpermute_gluon, or None where this Triton has no Gluon for Hopper (before 3.6)."""
-    try:
-        from omni_ep.layers.fused_moe.experts.triton_kernels import down_unpermute_gluon
-    except ImportError:
-        return None
-    return down_unpermute_gluon
-
-
 def down_unpermute(
     h_RI: torch.Tensor, w2_EHI: torch.Tensor, topk_weights_MK: torch.Tensor, align: BlockAlignment,
     config: dict, num_sms: int,
@@ -144,7 +133,7 @@ def down_unpermute(
     row_of_pair = align.row_of_pair_P if sorted_y else None
     programs = persistent_programs(align.block_expert_B.numel(), triton.cdiv(H, block_n), config, num_sms)
     use_gluon = tma and h_RI.is_cuda and config.get("GLUON", False) and not half_tiles
-    gluon = _gluon_module() if use_gluon else None
+    gluon = gluon_module("down_unpermute_gluon") if use_gluon else None
     if gluon is not None and gluon.gluon_fits(h_RI, block_m, config, sorted_y):
         gluon.down_unpermute_gluon(h_RI, w2_EHI, weights_P, y, align, config, programs, sorted_y)
         return y, row_of_pair

@@ -39,20 +39,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
 from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import ring_fits
-
-# Triton 3.6 calls the TMA load and store async_copy_global_to_shared / _shared_to_global; later versions call
-# them async_load / async_store.
-tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
-
-
-@gluon.jit
-def _tile_coords(tile, num_m_blocks, num_n_blocks, GROUP_M: gl.constexpr):
-    """gemm_tiles.grouped_tile in Gluon: GROUP_M row blocks down each column of tiles before moving right."""
-    tiles_per_group = GROUP_M * num_n_blocks
-    first_m = (tile // tiles_per_group) * GROUP_M
-    group_rows = gl.minimum(num_m_blocks - first_m, GROUP_M)
-    return first_m + (tile % tiles_per_group) % group_rows, (tile % tiles_per_group) // group_rows
+from omni_ep.layers.fused_moe.experts.triton_kernels.gluon_ring import tile_coords, tma_load, tma_store
 
 
 @gluon.jit
@@ -95,7 +82,7 @@ def _down_unpermute_gluon_kernel(h_desc, w_desc, y_ptr, y_desc, topk_weights_ptr
     k_steps = gl.cdiv(I, BLOCK_K)  # >= STAGES - 1 (checked by the caller)
 
     # The first tile's first STAGES - 1 K steps in flight.
-    m_block, n_block = _tile_coords(pid, num_m_blocks, num_n_blocks, GROUP_M)
+    m_block, n_block = tile_coords(pid, num_m_blocks, num_n_blocks, GROUP_M)
     expert = gl.load(block_expert_ptr + m_block, mask=my_tiles > 0, other=0)
     for first in gl.static_range(STAGES - 1):
         _load_k_step(my_tiles > 0, m_block, n_block, expert, first, h_desc, w_desc, h_stages, w_stages, ready,
@@ -104,7 +91,7 @@ def _down_unpermute_gluon_kernel(h_desc, w_desc, y_ptr, y_desc, topk_weights_ptr
     step = 0
     for t in range(my_tiles):
         has_next = t + 1 < my_tiles
-        next_m, next_n = _tile_coords(pid + (t + 1) * num_programs, num_m_blocks, num_n_blocks, GROUP_M)
+        next_m, next_n = tile_coords(pid + (t + 1) * num_programs, num_m_blocks, num_n_blocks, GROUP_M)
         next_expert = gl.load(block_expert_ptr + next_m, mask=has_next, other=0)
         rows = m_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
         pair = gl.load(sorted_pair_ptr + rows)

@@ -12,7 +12,9 @@ whose number it reads from the device (no host sync). Operand loads, by config f
   HALF_TILES  (not with SORTED_X) a row block whose second half is all padding is a BLOCK_M/2 tile;
   FLATTEN   (not with HALF_TILES) the tile loop and the K loop flattened into one software pipeline, so the
             next tile's first operand loads are in flight during this tile's epilogue;
-  TMA_STORE (with TMA, not with HALF_TILES) h tiles written by the copy engine through a tensor descriptor.
+  TMA_STORE (with TMA, not with HALF_TILES) h tiles written by the copy engine through a tensor descriptor;
+  GLUON     on Hopper, gate_up_swiglu_gluon.py's kernel instead: x copied into expert-sorted rows as with
+            SORTED_X, ONE_DOT tiles, all loads by TMA from a loader warp of its own, h by TMA stores.
 
 Shape legend: M tokens, H hidden, I intermediate, E local experts, R padded sorted rows (see align.py).
 """
@@ -25,6 +27,7 @@ import triton.language as tl
 
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
 from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import (
+    gluon_module,
     grouped_tile,
     load_k_step,
     persistent_programs,
@@ -189,10 +192,16 @@ def gate_up_swiglu(
 ) -> torch.Tensor:
     """x [M, H], w13 [E, 2I, H] (gate rows, then up rows) -> h [R, I] in the expert-sorted row layout.
 
-    The TMA flags fall back to pointer loads where the copy engine cannot read the tensors (see tma_fits)."""
+    The TMA flags fall back to pointer loads where the copy engine cannot read the tensors (see tma_fits); the
+    GLUON flag runs gate_up_swiglu_gluon.py's kernel (the same result as ONE_DOT with SORTED_X) where it can
+    (see gluon_gate_up_fits), this one elsewhere."""
     E, two_I, H = w13_E2IH.shape
     I = two_I // 2
     block_n, block_k, block_m = config["BLOCK_N"], config["BLOCK_K"], align.block_m
+    programs = persistent_programs(align.block_expert_B.numel(), triton.cdiv(I, block_n), config, num_sms)
+    gluon = gluon_module("gate_up_swiglu_gluon") if config.get("GLUON", False) and x_MH.is_cuda else None
+    if gluon is not None and gluon.gluon_gate_up_fits(x_MH, w13_E2IH, block_m, config):
+        return gluon.gate_up_swiglu_gluon(x_MH, w13_E2IH, align, top_k, config, programs)
     h_RI = torch.empty(align.sorted_pair_R.numel(), I, dtype=x_MH.dtype, device=x_MH.device)
     tma = config.get("TMA", False) and w13_E2IH.is_contiguous() and tma_fits(x_MH, w13_E2IH)
     sorted_x = tma and config.get("SORTED_X", False)
@@ -207,7 +216,6 @@ def gate_up_swiglu(
         x_desc = tma_descriptor(x, block_m, block_k)
     tma_store = tma and config.get("TMA_STORE", False) and not half_tiles and tma_fits(h_RI)
     h_desc = tma_descriptor(h_RI, block_m, block_n) if tma_store else None
-    programs = persistent_programs(align.block_expert_B.numel(), triton.cdiv(I, block_n), config, num_sms)
     _gate_up_swiglu_kernel[(programs,)](
         x, x_desc, w13_E2IH, w_desc, h_RI, h_desc,
         align.sorted_pair_R, align.block_expert_B, align.num_padded_rows,

@@ -1,5 +1,8 @@
 """Tile order, program count, K-step loads and tensor descriptors shared by the persistent expert GEMMs."""
 
+import functools
+import importlib
+
 import torch
 import triton
 import triton.language as tl
@@ -12,6 +15,16 @@ def ring_fits(block_m: int, block_n: int, block_k: int, stages: int, element_siz
     [block_m, block_n] output staging tile) fit in a Hopper block's shared memory, with 1 KiB to spare."""
     tiles = stages * (block_m + block_n) * block_k + (block_m * block_n if out_tile else 0)
     return tiles * element_size + 1024 <= SHARED_MEMORY_BYTES
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_module(name: str):
+    """The Gluon kernel module `name` of this package (down_unpermute_gluon, gate_up_swiglu_gluon), or None
+    where this Triton has no Gluon for Hopper (before 3.6)."""
+    try:
+        return importlib.import_module(f"{__package__}.{name}")
+    except ImportError:
+        return None
 
 
 @triton.jit
