@@ -13,7 +13,7 @@ writes E{E}_N{I}_{device}.json per E (format in omni_ep/.../triton_configs.py).
 
 --refine starts from the files already there (in --out-dir, else the package's) instead of sweeping tiles:
 for each point it times the whole path (TritonExperts.apply) with one change at a time (down first, then gate_up:
-stages, group size, FLATTEN, HALF_TILES, TMA_STORE, ONE_DOT, GLUON + SORTED_Y) in rounds interleaved with the
+stages, group size, FLATTEN, HALF_TILES, TMA_STORE, ONE_DOT, GLUON (+ SORTED_Y for down)) in rounds interleaved with the
 current config, and keeps the best change where the median of the per-round speedups passes --min-gain twice: in
 the screen of all candidates and in a two-way A/B that confirms it. Each timed slot follows 300 ms of untimed
 runs of the same config (bench_moe.interleaved_ms): on a power-capped card a kernel timed right after another
@@ -83,6 +83,8 @@ def tile_candidates(block_m: int, gemm: str) -> list[dict]:
                 tile(128, 64, 8, 8, 4, TMA=True, SORTED_X=True),
                 tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True, SORTED_X=True),
                 tile(128, 64, 8, 8, 3, TMA=True, ONE_DOT=True, SORTED_X=True, WARP_SPECIALIZE=True),
+                tile(128, 64, 8, 8, 3, TMA=True, ONE_DOT=True, GLUON=True),
+                tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True, GLUON=True),
                 tile(128, 64, 8, 8, 3, TMA=True, ONE_DOT=True, HALF_TILES=True),
                 tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True, HALF_TILES=True)]
     return [tile(256, 64, 8, 8, 3), tile(256, 64, 8, 8, 4),
@@ -133,7 +135,8 @@ REFINEMENTS = {  # tried one at a time on top of the current config, down first
     "down": [{"num_stages": 4}, {"GROUP_M": 4}, {"GROUP_M": 16}, {"FLATTEN": True},
              {"FLATTEN": True, "num_stages": 4}, {"GLUON": True, "SORTED_Y": True, "num_stages": 3}],
     "gate_up": [{"num_stages": 4}, {"GROUP_M": 4}, {"GROUP_M": 16}, {"HALF_TILES": True}, {"TMA_STORE": True},
-                {"FLATTEN": True}, {"ONE_DOT": True}],
+                {"FLATTEN": True}, {"ONE_DOT": True}, {"GLUON": True, "num_stages": 3},
+                {"GLUON": True, "num_stages": 4}],
 }
 
 
