@@ -55,6 +55,9 @@ TMA_ONE_DOT = {"BLOCK_M": 32, "gate_up": _tile(16, 16, 2, TMA=True, ONE_DOT=True
 TMA_STORE_FLATTEN = {"BLOCK_M": 32, "gate_up": _tile(16, 32, 2, TMA=True, ONE_DOT=True, TMA_STORE=True, FLATTEN=True),
                      "down": _tile(32, 16, 2, TMA=True, FLATTEN=True)}
 
+# GLUON flags name the Hopper-only Gluon kernels: off CUDA both GEMMs must fall back to these Triton kernels.
+GLUON_FLAGS = {"BLOCK_M": 16, "gate_up": _tile(16, 16, 2, TMA=True, ONE_DOT=True, SORTED_X=True, GLUON=True),
+               "down": _tile(32, 16, 2, TMA=True, SORTED_Y=True, GLUON=True)}
 
 # ----------------------------------------------------------------------------------------------------------
 # Child process: the kernel cases (run only with TRITON_INTERPRET=1).
@@ -235,6 +238,7 @@ CASES = {
     "odd_sizes_tma_sorted_y": lambda g: _case_odd_sizes_tma(g, TMA_SORTED_Y),
     "skewed_empty_experts_sorted_y": lambda g: _case_skewed_empty_experts(g, TMA_SORTED_Y),
     "uniform_tma_store_flatten": lambda g: _case_uniform(g, TMA_STORE_FLATTEN),
+    "uniform_gluon_flags_fall_back": lambda g: _case_uniform(g, GLUON_FLAGS),
     "odd_sizes_tma_store_flatten": lambda g: _case_odd_sizes_tma(g, TMA_STORE_FLATTEN),
     "half_tiles": lambda g: _case_half_tiles(g, HALF_TILES),
     "half_tiles_tma_one_dot": lambda g: _case_half_tiles(g, HALF_TILES_TMA_ONE_DOT),

@@ -3,8 +3,10 @@
 A file `configs/E{E}_N{I}_{device name}.json` (e.g. E64_N3072_NVIDIA_H100_80GB_HBM3.json) maps a token count
 M (as a string) to
     {"BLOCK_M": int, "gate_up": {BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, ONE_DOT, PROGRAMS_PER_SM,
-                                 TMA, SORTED_X, WARP_SPECIALIZE, HALF_TILES]},
-     "down": {the same keys but ONE_DOT and SORTED_X, and GLUON: the Gluon kernel on Hopper, with TMA}}
+                                 TMA, SORTED_X, WARP_SPECIALIZE, HALF_TILES, GLUON]},
+     "down": {the same keys but ONE_DOT and SORTED_X, and SORTED_Y}}
+(GLUON: the GEMM's Gluon kernel on Hopper, gate_up_swiglu_gluon.py / down_unpermute_gluon.py; the other flags:
+the kernels' docstrings)
 (keys starting with "_" are notes: device, versions, command).
 `benchmarks/tune_moe.py` writes these files. Lookup: the file of this device (else one of the same GPU family,
 e.g. an H100 file on an H200), for E local experts (else the nearest E with the same I), then the entry with
