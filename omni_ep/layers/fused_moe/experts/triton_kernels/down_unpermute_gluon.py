@@ -13,8 +13,8 @@ engine writes it during the next tile's K loop.
 Measured against the Triton kernel with the same tiles: scattered stores at parity (H100, x0.996-1.037,
 `benchmarks/results/moe_h100_gluon.log`); with SORTED_Y the whole path gains x1.01-1.03 on the H100 and the
 H200 (`benchmarks/results/ab_sorted_y_h100.md`), where the Triton kernel's own TMA store gains nothing. The
-tuned files use it there. What plain Triton cannot express and this kernel could grow into: an epilogue that
-overlaps the next tile's MMAs (warp specialisation).
+tuned files use it there. Its loads moved into a loader warp of their own (the ring of gluon_ring.py, as in
+gate_up_swiglu_gluon.py) measured x0.99-1.01 on the whole path (session 6) and were not kept.
 
 Needs Triton with Gluon (3.6 or later) and a compute-capability-9 GPU; the caller checks (`gluon_fits`).
 Not run by CI: Gluon kernels do not run under TRITON_INTERPRET; `benchmarks/check_moe_gpu.py` checks it on a GPU.

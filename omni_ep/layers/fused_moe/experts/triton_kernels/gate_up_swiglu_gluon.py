@@ -38,8 +38,8 @@ from omni_ep.layers.fused_moe.experts.triton_kernels.gluon_ring import (
     init_ring,
     invalidate_ring,
     mma_k_loop,
+    program_tile,
     program_tiles,
-    tile_coords,
     tma_load,
     tma_store,
     wait_free_stage,
@@ -58,8 +58,7 @@ def _loader(x_desc, w_desc, block_expert_ptr, num_padded_ptr, H, I, x_stages, w_
     num_m_blocks, my_tiles = program_tiles(num_padded_ptr, num_n_blocks, BLOCK_M)
     step = 0
     for t in range(my_tiles):
-        m_block, n_block = tile_coords(gl.program_id(0) + t * gl.num_programs(0), num_m_blocks, num_n_blocks,
-                                       GROUP_M)
+        m_block, n_block = program_tile(t, num_m_blocks, num_n_blocks, GROUP_M)
         gate_row = gl.load(block_expert_ptr + m_block) * 2 * I + n_block * BLOCK_N
         for k_step in range(gl.cdiv(H, BLOCK_K)):
             stage = wait_free_stage(empty, step, STAGES)
@@ -86,8 +85,7 @@ def _mma(h_desc, num_padded_ptr, H, I, x_stages, w_stages, ready, empty, h_tile,
     num_m_blocks, my_tiles = program_tiles(num_padded_ptr, num_n_blocks, BLOCK_M)
     step = 0
     for t in range(my_tiles):
-        m_block, n_block = tile_coords(gl.program_id(0) + t * gl.num_programs(0), num_m_blocks, num_n_blocks,
-                                       GROUP_M)
+        m_block, n_block = program_tile(t, num_m_blocks, num_n_blocks, GROUP_M)
         acc = gl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=gl.float32, layout=acc_layout)
         acc, step = mma_k_loop(acc, x_stages, w_stages, ready, empty, step, gl.cdiv(H, BLOCK_K))
         gate, up = gl.split(gl.permute(gl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))

@@ -35,6 +35,12 @@ def tile_coords(tile, num_m_blocks, num_n_blocks, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
+def program_tile(t, num_m_blocks, num_n_blocks, GROUP_M: gl.constexpr):
+    """(m block, n block) of this persistent program's t-th tile: tile pid + t * programs."""
+    return tile_coords(gl.program_id(0) + t * gl.num_programs(0), num_m_blocks, num_n_blocks, GROUP_M)
+
+
+@gluon.jit
 def program_tiles(num_padded_ptr, num_n_blocks, BLOCK_M: gl.constexpr):
     """(row blocks in use, tiles of this persistent program): tiles pid, pid + programs, ..."""
     num_m_blocks = gl.load(num_padded_ptr) // BLOCK_M
