@@ -127,7 +127,7 @@ def down_unpermute(
     # The sorted output needs a staging tile in shared memory next to the operand ring: where it does not fit,
     # the tile is scattered to the pairs' rows as without the flag.
     sorted_y = (tma and config.get("SORTED_Y", False) and not half_tiles and H * h_RI.element_size() % 16 == 0
-                and ring_fits(block_m, block_n, block_k, config["num_stages"], h_RI.element_size(), True))
+                and ring_fits(block_m, block_n, block_k, config["num_stages"], h_RI.element_size(), block_n))
     rows = align.sorted_pair_R.numel() if sorted_y else align.num_pairs
     y = torch.empty(rows, H, dtype=h_RI.dtype, device=h_RI.device)
     row_of_pair = align.row_of_pair_P if sorted_y else None

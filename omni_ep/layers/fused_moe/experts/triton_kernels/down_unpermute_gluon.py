@@ -39,7 +39,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
 from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import ring_fits
-from omni_ep.layers.fused_moe.experts.triton_kernels.gluon_ring import tile_coords, tma_load, tma_store
+from omni_ep.layers.fused_moe.experts.triton_kernels.gluon_ring import program_tiles, tile_coords, tma_load, tma_store
 
 
 @gluon.jit
@@ -76,9 +76,8 @@ def _down_unpermute_gluon_kernel(h_desc, w_desc, y_ptr, y_desc, topk_weights_ptr
 
     pid = gl.program_id(0)
     num_programs = gl.num_programs(0)
-    num_m_blocks = gl.load(num_padded_ptr) // BLOCK_M
     num_n_blocks = gl.cdiv(H, BLOCK_N)
-    my_tiles = gl.cdiv(gl.maximum(num_m_blocks * num_n_blocks - pid, 0), num_programs)
+    num_m_blocks, my_tiles = program_tiles(num_padded_ptr, num_n_blocks, BLOCK_M)
     k_steps = gl.cdiv(I, BLOCK_K)  # >= STAGES - 1 (checked by the caller)
 
     # The first tile's first STAGES - 1 K steps in flight.
@@ -147,7 +146,7 @@ def gluon_fits(h_RI: torch.Tensor, block_m: int, config: dict, sorted_y: bool = 
         and warps % 4 == 0 and block_m == 16 * warps
         and block_n % 8 == 0 and block_n <= 256
         and stages >= 2 and triton.cdiv(h_RI.shape[1], block_k) >= stages - 1
-        and ring_fits(block_m, block_n, block_k, stages, h_RI.element_size(), sorted_y)
+        and ring_fits(block_m, block_n, block_k, stages, h_RI.element_size(), block_n if sorted_y else 0)
     )
 
 

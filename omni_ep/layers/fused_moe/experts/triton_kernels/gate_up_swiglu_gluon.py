@@ -31,7 +31,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
 from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gather_sorted_rows
-from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import SHARED_MEMORY_BYTES
+from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import ring_fits
 from omni_ep.layers.fused_moe.experts.triton_kernels.gluon_ring import (
     LOADER_REGS,
     MAX_REGS,
@@ -126,7 +126,6 @@ def gluon_gate_up_fits(x_MH: torch.Tensor, w13_E2IH: torch.Tensor, block_m: int,
     warps, stages, block_n, block_k = config["num_warps"], config["num_stages"], config["BLOCK_N"], config["BLOCK_K"]
     E, two_I, H = w13_E2IH.shape
     elt = x_MH.element_size()
-    ring = (stages * (block_m + 2 * block_n) * block_k + block_m * block_n) * elt + 1024
     return (
         x_MH.device.type == "cuda"
         and torch.cuda.get_device_capability(x_MH.device)[0] == 9
@@ -135,7 +134,7 @@ def gluon_gate_up_fits(x_MH: torch.Tensor, w13_E2IH: torch.Tensor, block_m: int,
         and 2 * block_n % 8 == 0 and 2 * block_n <= 256 and (two_I // 2) % block_n == 0
         and stages >= 2 and H * elt % 16 == 0 and (two_I // 2) * elt % 16 == 0
         and w13_E2IH.is_contiguous() and w13_E2IH.data_ptr() % 16 == 0
-        and ring <= SHARED_MEMORY_BYTES
+        and ring_fits(block_m, 2 * block_n, block_k, stages, elt, block_n)
     )
 
 

@@ -10,10 +10,10 @@ import triton.language as tl
 SHARED_MEMORY_BYTES = 227 * 1024  # per block on Hopper (sm_90), the opt-in maximum
 
 
-def ring_fits(block_m: int, block_n: int, block_k: int, stages: int, element_size: int, out_tile: bool) -> bool:
-    """Whether `stages` operand tiles [block_m, block_k] + [block_n, block_k] (and, with out_tile, one
-    [block_m, block_n] output staging tile) fit in a Hopper block's shared memory, with 1 KiB to spare."""
-    tiles = stages * (block_m + block_n) * block_k + (block_m * block_n if out_tile else 0)
+def ring_fits(block_m: int, block_n: int, block_k: int, stages: int, element_size: int, out_cols: int) -> bool:
+    """Whether `stages` operand tiles [block_m, block_k] + [block_n, block_k] and an output staging tile
+    [block_m, out_cols] (none with 0) fit in a Hopper block's shared memory, with 1 KiB to spare."""
+    tiles = stages * (block_m + block_n) * block_k + block_m * out_cols
     return tiles * element_size + 1024 <= SHARED_MEMORY_BYTES
 
 
