@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from omni_ep.distributed.row_chunks import row_chunk
+
 # torch >= 2.13 renamed the tensor-in/tensor-out collectives; older releases only have the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -42,6 +44,19 @@ class GroupCoordinator:
         out = x.new_empty((self.world_size * x.shape[0],) + tuple(x.shape[1:]))
         _all_gather_single(out, x, group=self.group)
         return out.movedim(0, dim)
+
+    def all_gather_row_chunks(self, x_CH: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """Join the members' row_chunk(num_rows, rank, world_size) chunks x_C... into all num_rows rows (chunk
+        sizes differ by at most one: each is padded to the largest for one all-gather)."""
+        if self.world_size == 1:
+            return x_CH
+        sizes = [end - start for start, end in (row_chunk(num_rows, r, self.world_size) for r in range(self.world_size))]
+        width = max(sizes)
+        padded = torch.nn.functional.pad(x_CH, (0,) * (2 * (x_CH.dim() - 1)) + (0, width - x_CH.shape[0]))
+        gathered = self.all_gather(padded)
+        if all(size == width for size in sizes):
+            return gathered
+        return torch.cat([gathered[r * width : r * width + size] for r, size in enumerate(sizes)])
 
     def all_gather_object(self, obj) -> list:
         if self.world_size == 1:

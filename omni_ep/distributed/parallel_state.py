@@ -38,11 +38,19 @@ class ParallelState:
 _STATE: ParallelState | None = None
 
 
-def _default_backend() -> str:
-    """The current platform's collective library (nccl on CUDA, hccl on Ascend, gloo on CPU)."""
-    from omni_ep.platforms import get_current_platform
+def _accelerator() -> torch.device | None:
+    """This machine's accelerator type (cuda, or npu once torch_npu is imported), or None on a CPU-only one."""
+    if not torch.accelerator.is_available():
+        return None
+    return torch.accelerator.current_accelerator()
 
-    return get_current_platform().dist_backend
+
+def _default_backend() -> str:
+    """The collective library torch pairs with this machine's accelerator (nccl, hccl), else gloo."""
+    accelerator = _accelerator()
+    if accelerator is None:
+        return "gloo"
+    return dist.Backend.default_device_backend_map.get(accelerator.type, "gloo")
 
 
 def init_parallel_state(
@@ -83,9 +91,10 @@ def init_parallel_state(
         raise
 
     backend_in_use = dist.get_backend() if dist.is_initialized() else None
-    if torch.cuda.is_available() and backend_in_use != "gloo":  # gloo: CPU tensors even on a GPU machine
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+    accelerator = _accelerator()
+    if accelerator is not None and backend_in_use != "gloo":  # gloo: CPU tensors even on a GPU machine
+        device = torch.device(accelerator.type, local_rank % torch.accelerator.device_count())
+        torch.accelerator.set_device_index(device.index)
     else:
         device = torch.device("cpu")
 

@@ -30,17 +30,11 @@ class OmniPlatform:
         return self.diffusion_ops[op_name]
 
     def prepare_diffusion_op_runtime(self, op_name: str) -> None:
-        """Make ready what ``op_name`` needs before a layer is built (idempotent): the process groups
-        (a single process gets the default layout), and the platform's own per-op set-up."""
+        """Make ready what ``op_name`` needs on this platform before a layer of it is built (idempotent):
+        device libraries, kernel configs. The process groups are the caller's: ``init_parallel_state`` first."""
         self._check_op(op_name)
         if op_name in self._prepared:
             return
-        from omni_ep.config import ParallelConfig
-        from omni_ep.distributed import init_parallel_state, is_parallel_state_initialized
-
-        if not is_parallel_state_initialized():
-            # A single process may skip the explicit call; several processes must make it (sizes differ).
-            init_parallel_state(ParallelConfig())
         self._prepare_op(op_name)
         self._prepared.add(op_name)
 

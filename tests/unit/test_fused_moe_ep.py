@@ -46,11 +46,11 @@ def tokens(case, data_rank, top_k):
 
 def load_layer(layer):
     up_gate, down = full_weights()
-    for param_name, weight_name, expert_id, shard_id in FusedMoE.make_expert_params_mapping(
-        layer, "gate_and_up_proj", "down_proj", "gate_and_up_proj", num_experts=E
-    ):
+    mapping = FusedMoE.make_expert_params_mapping(layer, "gate_and_up_proj", "down_proj", "gate_and_up_proj", E)
+    assert sorted({expert_id for _, _, expert_id, _ in mapping}) == layer.local_expert_ids  # local experts only
+    for param_name, weight_name, expert_id, shard_id in mapping:
         full = up_gate[expert_id] if shard_id == "w13" else down[expert_id]
-        param = layer.w13_weight if param_name.endswith("w13_weight") else layer.w2_weight
+        param = layer.get_parameter(f"{weight_name}weight".replace(weight_name, param_name).removeprefix("experts."))
         assert layer.weight_loader(param, full, weight_name, shard_id, expert_id)
     # Non-local experts are refused without copying.
     others = [e for e in range(E) if e not in layer.local_expert_ids]

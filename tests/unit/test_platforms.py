@@ -22,18 +22,35 @@ def fresh_platform(monkeypatch):
     destroy_parallel_state()
 
 
-def test_cpu_machine_resolves_cpu_and_the_torch_reference_layer():
+def test_this_machine_resolves_its_platform_and_layer_class():
+    import torch
+
+    name, cls = ("cuda", "omni_ep.layers.fused_moe.cuda.CudaFusedMoE") if torch.cuda.is_available() else \
+        ("cpu", "omni_ep.layers.fused_moe.layer.FusedMoE")
     p = platforms.current_omni_platform
-    assert p.name == "cpu"
-    assert p.get_diffusion_model_impl_qualname("hunyuan_fused_moe") == "omni_ep.layers.fused_moe.layer.FusedMoE"
+    assert p.name == name
+    assert p.get_diffusion_model_impl_qualname("hunyuan_fused_moe") == cls
     assert platforms.current_omni_platform is p  # resolved once
 
 
-def test_prepare_is_idempotent_and_makes_the_groups():
+def test_prepare_is_idempotent_and_makes_no_process_groups():
     p = platforms.current_omni_platform
-    assert not is_parallel_state_initialized()
     p.prepare_diffusion_op_runtime("hunyuan_fused_moe")
     p.prepare_diffusion_op_runtime("hunyuan_fused_moe")
+    assert not is_parallel_state_initialized()  # the caller's job: init_parallel_state
+
+
+def test_the_moe_block_builds_the_class_the_platform_names(monkeypatch):
+    from omni_ep.config import ParallelConfig
+    from omni_ep.distributed import init_parallel_state
+    from omni_ep.layers.fused_moe.cuda import CudaFusedMoE
+    from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import tiny_config
+    from omni_ep.models.hunyuan_image3.moe import HunyuanImage3MoE
+
+    monkeypatch.setenv("OMNI_EP_PLATFORM", "cuda")  # builds on any machine; only running it needs a GPU
+    init_parallel_state(ParallelConfig())
+    block = HunyuanImage3MoE(tiny_config(), 0)
+    assert type(block.experts) is CudaFusedMoE
     assert get_ep_group().world_size == 1
 
 

@@ -1,17 +1,19 @@
-"""FusedMoE: the routed experts of one MoE layer, expert-parallel or tensor-parallel.
+"""FusedMoE: the routed experts of one MoE layer, expert-parallel or tensor-parallel, and the shared experts.
 
     route (fp32 softmax, top-k, renormalise)
       -> dispatch (to the ranks holding each token's experts)
-      -> local experts (this rank's experts only)
-      -> combine (partial outputs back to the token's rank)
+      -> local experts (this rank's experts only)        | shared experts, while tokens are in flight
+      -> combine (partial outputs back to the token's rank, summed in fp32)
+      -> one TP collective
 
 Shape legend: T tokens, E global experts, K top-k, H hidden, I expert intermediate size,
 I_tp = I / TP when the experts are tensor-parallel (expert parallel off), else I.
 
-Expert parallel (``enable_expert_parallel``): each EP rank allocates and loads only its
-E / EP experts. TP ranks hold the same tokens, so each TP rank dispatches only its own chunk of them
-(no duplicates) and writes its chunk into a zero [T, H] output: the output is then TP-partial, like the
-tensor-parallel path's, and one TP all-reduce (``maybe_all_reduce_tensor_model_parallel``) completes both.
+Expert parallel (``enable_expert_parallel``): each EP rank allocates and loads only its E / EP experts. TP ranks
+hold the same tokens, so each TP rank routes, dispatches and runs the shared experts on its own chunk of them (no
+duplicates), and one all-gather over TP joins the chunks. Without expert parallel the experts are split over TP
+in I: every rank computes a partial sum for all tokens, adds the shared experts of its own chunk, and one
+all-reduce over TP completes both.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from omni_ep.layers.fused_moe.expert_placement import (
 from omni_ep.layers.fused_moe.experts import get_local_experts_cls, unsupported_reason
 from omni_ep.layers.fused_moe.router import select_experts
 
-SHARD_IDS = ("w1", "w3", "w13", "w2")  # gate, up, fused [up; gate] as HunyuanImage-3.0 stores it, down
+SHARD_IDS = ("w13", "w2")  # fused [up; gate] as HunyuanImage-3.0 stores it, down
 
 
 class FusedMoE(nn.Module):
@@ -48,7 +50,6 @@ class FusedMoE(nn.Module):
         intermediate_size: int,
         renormalize: bool = True,
         params_dtype: torch.dtype | None = None,
-        reduce_results: bool = True,
         prefix: str = "",
         experts_backend: str | None = None,
     ):
@@ -67,7 +68,7 @@ class FusedMoE(nn.Module):
             )
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
-        self.reduce_results, self.prefix = reduce_results, prefix
+        self.prefix = prefix
         self.ep_rank, self.ep_size = self.ep_group.rank, ep_size
         self.tp_rank, self.tp_size = self.tp_group.rank, tp_size
 
@@ -96,9 +97,6 @@ class FusedMoE(nn.Module):
         """int32 [E]: local index of each global expert on this rank, -1 where it is on another rank."""
         return self._expert_map
 
-    def is_local_expert(self, expert_id: int) -> bool:
-        return bool(self._expert_map[expert_id] >= 0)
-
     @property
     def experts(self):
         """The local-expert implementation, chosen on first use for the weights' device and dtype."""
@@ -121,81 +119,89 @@ class FusedMoE(nn.Module):
         raise RuntimeError(f"no local-experts backend runs on {device} with {dtype}: {'; '.join(reasons)}")
 
     # ---- forward ---------------------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """hidden_states [T, H] (or [..., H]), router_logits [T, E] -> routed output [T, H] (same shape as input).
-
-        With reduce_results=False and TP > 1 the result is a TP-partial sum: call
-        maybe_all_reduce_tensor_model_parallel after adding other TP-partial terms (the shared MLP).
-        """
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor,
+        shared_experts: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """hidden_states [T, H] (or [..., H]), router_logits [T, E] -> [T, H] (the input's shape): the routed
+        experts plus ``shared_experts(hidden_states)`` when given, complete over the TP group."""
         shape = hidden_states.shape
         x_TH = hidden_states.reshape(-1, self.hidden_size)
         logits_TE = router_logits.reshape(-1, self.num_experts)
-        if logits_TE.shape[0] != x_TH.shape[0]:
-            raise ValueError(f"router_logits has {logits_TE.shape[0]} rows but hidden_states has {x_TH.shape[0]} tokens")
-        topk_weights_TK, topk_ids_TK = select_experts(logits_TE, self.top_k, self.renormalize)
+        T = x_TH.shape[0]
+        if logits_TE.shape[0] != T:
+            raise ValueError(f"router_logits has {logits_TE.shape[0]} rows but hidden_states has {T} tokens")
+        start, end = row_chunk(T, self.tp_rank, self.tp_size)  # this TP rank's own tokens
+        if self.use_ep:
+            out_CH = self._routed(x_TH[start:end], logits_TE[start:end], x_TH[start:end], shared_experts)
+            out_TH = self.tp_group.all_gather_row_chunks(out_CH, T)
+        else:
+            out_TH = self._routed(x_TH, logits_TE, x_TH[start:end], shared_experts, shared_rows=(start, end))
+            out_TH = self.tp_group.all_reduce(out_TH)
+        return out_TH.reshape(shape)
 
-        start, end = (0, x_TH.shape[0])
-        if self.use_ep and self.tp_size > 1:
-            start, end = row_chunk(x_TH.shape[0], self.tp_rank, self.tp_size)  # TP peers hold the same tokens
-        dispatched = self.dispatcher.dispatch(x_TH[start:end], topk_ids_TK[start:end], topk_weights_TK[start:end])
+    def _routed(self, x_TH, logits_TE, x_shared_CH, shared_experts, shared_rows=None) -> torch.Tensor:
+        """Route, dispatch, local experts, combine; the shared experts' output on x_shared [C, H] is added to
+        rows ``shared_rows`` of the result (all of them when None)."""
+        topk_weights_TK, topk_ids_TK = select_experts(logits_TE, self.top_k, self.renormalize)
+        dispatched = self.dispatcher.dispatch(x_TH, topk_ids_TK, topk_weights_TK)
+        shared_CH = shared_experts(x_shared_CH) if shared_experts is not None else None
         y_MH = self.experts.apply(
             dispatched.hidden_states, dispatched.topk_ids, dispatched.topk_weights, self.w13_weight, self.w2_weight
         )
-        out = self.dispatcher.combine(y_MH, dispatched.metadata)
-        if (start, end) != (0, x_TH.shape[0]):
-            out = torch.nn.functional.pad(out, (0, 0, start, x_TH.shape[0] - end))
-        if self.reduce_results:
-            out = self.maybe_all_reduce_tensor_model_parallel(out)
-        return out.reshape(shape)
-
-    def maybe_all_reduce_tensor_model_parallel(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum TP-partial outputs over the TP group (identity when TP is 1)."""
-        return self.tp_group.all_reduce(x)
+        out_TH = self.dispatcher.combine(y_MH, dispatched.metadata)
+        if shared_CH is not None:
+            start, end = shared_rows or (0, out_TH.shape[0])
+            out_TH[start:end] += shared_CH
+        return out_TH
 
     # ---- loading ---------------------------------------------------------------------------------------
     @classmethod
     def make_expert_params_mapping(
         cls,
-        model: nn.Module | None = None,
-        ckpt_gate_proj_name: str = "gate_proj",
-        ckpt_down_proj_name: str = "down_proj",
-        ckpt_up_proj_name: str = "up_proj",
-        num_experts: int = 0,
+        model: nn.Module,
+        ckpt_gate_proj_name: str,
+        ckpt_down_proj_name: str,
+        ckpt_up_proj_name: str,
+        num_experts: int,
         num_redundant_experts: int = 0,
     ) -> list[tuple[str, str, int, str]]:
-        """[(param_name, weight_name, expert_id, shard_id)] for THIS rank's experts only.
+        """[(param_name, weight_name, expert_id, shard_id)] for the experts THIS rank holds in the first FusedMoE
+        of ``model``, and only those: the loader reads nothing else from disk.
 
-        param_name is "experts.w13_weight" / "experts.w2_weight"; weight_name is the checkpoint fragment
-        "experts.{j}.{proj}."; when the gate and up names are equal (HunyuanImage-3.0's
-        "gate_and_up_proj", stored [up; gate]) one "w13" entry replaces "w1" and "w3". The local experts
-        come from the first FusedMoE inside ``model``, or from the current parallel state.
+        weight_name is the checkpoint fragment "experts.{j}.{proj}." and param_name the fragment that replaces it
+        to name the parameter ("experts.w13_" / "experts.w2_"): "mlp.experts.5.gate_and_up_proj.weight" ->
+        "mlp.experts.w13_weight". The gate and up projections must be one fused tensor (HunyuanImage-3.0's
+        "gate_and_up_proj", stored [up; gate]): shard "w13"; the down projection is shard "w2".
         """
         if num_redundant_experts:
             raise NotImplementedError("redundant experts (EPLB) are not supported yet; pass num_redundant_experts=0")
-        layer = next((m for m in model.modules() if isinstance(m, FusedMoE)), None) if model is not None else None
-        if layer is not None:
-            local_ids = layer.local_expert_ids
-        else:
-            config, ep = get_parallel_config(), get_ep_group()
-            local_ids = experts_per_rank(num_experts, ep.world_size, config.expert_placement)[ep.rank]
-        if ckpt_gate_proj_name == ckpt_up_proj_name:
-            shards = [("w13", ckpt_gate_proj_name)]
-        else:
-            shards = [("w1", ckpt_gate_proj_name), ("w3", ckpt_up_proj_name)]
-        mapping = []
-        for expert_id in local_ids:
-            for shard_id, proj in shards + [("w2", ckpt_down_proj_name)]:
-                param = "experts.w2_weight" if shard_id == "w2" else "experts.w13_weight"
-                mapping.append((param, f"experts.{expert_id}.{proj}.", expert_id, shard_id))
-        return mapping
+        if ckpt_gate_proj_name != ckpt_up_proj_name:
+            raise NotImplementedError(
+                f"separate gate ({ckpt_gate_proj_name!r}) and up ({ckpt_up_proj_name!r}) checkpoint tensors are not "
+                "supported; FusedMoE loads one fused [up; gate] tensor per expert"
+            )
+        layer = next((m for m in model.modules() if isinstance(m, FusedMoE)), None)
+        if layer is None:
+            raise ValueError(f"{type(model).__name__} holds no FusedMoE layer")
+        if layer.num_experts != num_experts:
+            raise ValueError(f"num_experts={num_experts} but the layer has {layer.num_experts} experts")
+        return [
+            (param, f"experts.{expert_id}.{proj}.", expert_id, shard_id)
+            for expert_id in layer.local_expert_ids
+            for param, proj, shard_id in (("experts.w13_", ckpt_gate_proj_name, "w13"),
+                                          ("experts.w2_", ckpt_down_proj_name, "w2"))
+        ]
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, weight_name: str, shard_id: str, expert_id: int
     ) -> bool:
         """Copy one expert's checkpoint tensor into its local slot; False (nothing copied) when not local.
 
-        w1 (gate) / w3 (up): [I, H]; w13: [2I, H] stored [up; gate]; w2 (down): [H, I]. The TP slice of the
-        intermediate dimension is taken here when the experts are tensor-parallel.
+        w13: [2I, H] stored [up; gate], kept as [gate; up]; w2 (down): [H, I]. The TP slice of the intermediate
+        dimension is taken here when the experts are tensor-parallel.
         """
         if shard_id not in SHARD_IDS:
             raise ValueError(f"{weight_name}: unknown shard_id {shard_id!r}; expected one of {SHARD_IDS}")
@@ -204,7 +210,7 @@ class FusedMoE(nn.Module):
             return False
         I, I_tp, H = self.intermediate_size, self.intermediate_size_per_partition, self.hidden_size
         rows = slice(self.tp_rank * I_tp, (self.tp_rank + 1) * I_tp) if not self.use_ep else slice(0, I)
-        expected = {"w1": (I, H), "w3": (I, H), "w13": (2 * I, H), "w2": (H, I)}[shard_id]
+        expected = {"w13": (2 * I, H), "w2": (H, I)}[shard_id]
         if tuple(loaded_weight.shape) != expected:
             raise ValueError(
                 f"{weight_name}: checkpoint shape {tuple(loaded_weight.shape)} does not match the expected "
@@ -213,10 +219,6 @@ class FusedMoE(nn.Module):
         with torch.no_grad():
             if shard_id == "w2":
                 param[local].copy_(loaded_weight[:, rows])
-            elif shard_id == "w1":
-                param[local, :I_tp].copy_(loaded_weight[rows])
-            elif shard_id == "w3":
-                param[local, I_tp:].copy_(loaded_weight[rows])
             else:  # [up; gate] -> our [gate; up]
                 up, gate = loaded_weight.split(I)
                 param[local, :I_tp].copy_(gate[rows])

@@ -26,6 +26,7 @@ from torch import nn
 
 from omni_ep.config import ParallelConfig
 from omni_ep.distributed import get_parallel_config, get_parallel_state, init_parallel_state, is_parallel_state_initialized
+from omni_ep.layers.fused_moe import FusedMoE
 from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
 from omni_ep.models.hunyuan_image3.transformer import SKIPPED_PREFIXES, HunyuanImage3Transformer2DModel
 from omni_ep.models.hunyuan_image3.vae import HunyuanVAEDecoder
@@ -291,17 +292,18 @@ def load_weights(model: HunyuanImage3Transformer2DModel, checkpoint: Safetensors
                 loader(param, tensor)
             else:
                 param.copy_(tensor)
-        for module_name, module in model.named_modules():
-            if not hasattr(module, "local_expert_ids") or not hasattr(module, "w13_weight"):
+        for block_name, block in model.named_modules():
+            if not isinstance(getattr(block, "experts", None), FusedMoE):
                 continue
-            for expert_id in module.local_expert_ids:
-                for proj, param, shard_id in (
-                    ("gate_and_up_proj", module.w13_weight, "w13"),
-                    ("down_proj", module.w2_weight, "w2"),
-                ):
-                    ckpt_name = f"{module_name}.{expert_id}.{proj}.weight"
-                    tensor = checkpoint.read(ckpt_name, is_expert=True)
-                    module.weight_loader(param, tensor, ckpt_name, shard_id, expert_id)
+            mapping = FusedMoE.make_expert_params_mapping(
+                block, ckpt_gate_proj_name="gate_and_up_proj", ckpt_down_proj_name="down_proj",
+                ckpt_up_proj_name="gate_and_up_proj", num_experts=config.num_experts,
+            )
+            for param_name, weight_name, expert_id, shard_id in mapping:  # this rank's experts only
+                ckpt_name = f"{block_name}.{weight_name}weight"
+                param = params[ckpt_name.replace(weight_name, param_name)]
+                param.weight_loader(param, checkpoint.read(ckpt_name, is_expert=True), ckpt_name,
+                                    shard_id=shard_id, expert_id=expert_id)
     return checkpoint.stats
 
 

@@ -7,9 +7,10 @@ Shape legend: T tokens, H hidden size, E experts, I intermediate size.
     w, idx = topk(softmax(logits)), renormalised       # inside FusedMoE
     out    = shared + sum_k w_k * Expert_{idx_k}(x)
 
-The routed output of FusedMoE is TP-partial (reduce_results=False). The shared MLP's weights are
-replicated; each TP rank runs it on its own 1/TP chunk of the (TP-identical) tokens, so ONE TP all-reduce
-completes both terms (H100, T=8194: the whole MLP takes 1.0 ms, a 1/2 share 0.5 ms; results/shared_mlp_h100.json).
+The routed experts are a ``FusedMoE`` (the subclass the platform names for the op "hunyuan_fused_moe":
+``CudaFusedMoE`` with the Triton experts, ``AscendFusedMoE``, or ``FusedMoE`` itself on CPU). It also runs the
+shared MLP, whose weights are replicated, on each TP rank's own chunk of the (TP-identical) tokens while routed
+tokens are in flight, and owns the one TP collective that completes both terms.
 """
 
 from __future__ import annotations
@@ -18,26 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_ep.distributed.row_chunks import row_chunk
+from omni_ep import platforms
+from omni_ep.layers.fused_moe import FusedMoE
 from omni_ep.layers.linear import ReplicatedLinear
 from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
-from omni_ep import platforms
 from omni_ep.utils import resolve_obj_by_qualname
 
 FUSED_MOE_OP = "hunyuan_fused_moe"
 
 
-def HunyuanFusedMoE(**kwargs) -> nn.Module:
-    """Build the routed experts with the implementation the current platform names for this op.
-
-    ``prepare_diffusion_op_runtime`` readies the op on this platform (its EP runtime) before the
-    class is resolved from ``get_diffusion_model_impl_qualname`` and built with ``kwargs``
-    (FusedMoE's arguments).
-    """
+def fused_moe_class() -> type[FusedMoE]:
+    """The FusedMoE class of the current platform for the op "hunyuan_fused_moe", its runtime prepared."""
     platform = platforms.current_omni_platform  # resolved now, not at import time
     platform.prepare_diffusion_op_runtime(FUSED_MOE_OP)
-    impl = resolve_obj_by_qualname(platform.get_diffusion_model_impl_qualname(FUSED_MOE_OP))
-    return impl(**kwargs)
+    cls = resolve_obj_by_qualname(platform.get_diffusion_model_impl_qualname(FUSED_MOE_OP))
+    if not (isinstance(cls, type) and issubclass(cls, FusedMoE)):
+        raise TypeError(f"platform {platform.name!r} names {cls!r} for {FUSED_MOE_OP!r}, which is not a FusedMoE")
+    return cls
 
 
 class HunyuanImage3Router(nn.Module):
@@ -88,14 +86,13 @@ class HunyuanImage3MoE(nn.Module):
     ):
         super().__init__()
         self.gate = HunyuanImage3Router(config.hidden_size, config.num_experts, prefix=f"{prefix}.gate")
-        self.experts = HunyuanFusedMoE(
+        self.experts: FusedMoE = fused_moe_class()(
             num_experts=config.num_experts,
             top_k=config.moe_topk_at(layer_idx),
             hidden_size=config.hidden_size,
             intermediate_size=config.moe_intermediate_size_at(layer_idx),
             renormalize=config.norm_topk_prob,
             params_dtype=params_dtype,
-            reduce_results=False,
             prefix=f"{prefix}.experts",
         )
         self.shared_mlp = HunyuanImage3SharedMLP(
@@ -110,10 +107,4 @@ class HunyuanImage3MoE(nn.Module):
         shape = hidden_states.shape
         x_TH = hidden_states.reshape(-1, shape[-1])
         router_logits_TE = self.gate(x_TH)
-        out_TH = self.experts(x_TH, router_logits_TE)  # TP-partial when TP > 1
-        # TP ranks hold the same tokens: each runs the shared MLP on its own chunk of them, and the one
-        # all-reduce below sums the chunks with the routed partials.
-        start, end = row_chunk(x_TH.shape[0], self.experts.tp_rank, self.experts.tp_size)
-        out_TH[start:end] += self.shared_mlp(x_TH[start:end])
-        out_TH = self.experts.maybe_all_reduce_tensor_model_parallel(out_TH)
-        return out_TH.reshape(shape)
+        return self.experts(x_TH, router_logits_TE, shared_experts=self.shared_mlp).reshape(shape)

@@ -42,5 +42,6 @@ class AllGatherReduceScatterDispatcher(Dispatcher):
         return DispatchResult(x_RPH, to_local_ids(ids_RPK, expert_map), w_RPK, AllGatherMetadata(T, P))
 
     def combine(self, expert_output, metadata: AllGatherMetadata):
-        out_PH = self.ep_group.reduce_scatter(expert_output)
-        return out_PH[: metadata.num_tokens]
+        # Summed in fp32 and cast once, as the all-to-all backend's combine does.
+        out_PH = self.ep_group.reduce_scatter(expert_output.float())
+        return out_PH[: metadata.num_tokens].to(expert_output.dtype)
