@@ -90,7 +90,8 @@ def ep_worker(rank, world_size):
                 assert expert_bytes * state.config.expert_parallel_size == total
                 assert layer.local_num_experts == E // world_size
                 destroy_parallel_state()
-    return report
+    errors = {kind: bad_config_error(world_size, kind) for kind in BAD_CONFIGS[world_size]}
+    return report, errors
 
 
 def tp_worker(rank, world_size):
@@ -111,16 +112,23 @@ def tp_worker(rank, world_size):
     return errs
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_expert_parallel_matches_single_process_on_every_rank(world_size):
-    reports = run_ranks(ep_worker, world_size, timeout=500)
+    """Every layout x backend x placement x routing case against one process, then the bad configurations of
+    this world size: each must fail on every rank with its message, before any collective (no hang)."""
+    results = run_ranks(ep_worker, world_size, timeout=500)
     n = len(LAYOUTS[world_size]) * 2 * 2 * len(CASES)
-    assert all(len(r) == n for r in reports)
-    worst = max(row[-1] for r in reports for row in r)
+    assert all(len(report) == n for report, _ in results)
+    worst = max(row[-1] for report, _ in results for row in report)
     print(f"EP over {world_size} ranks: {n} cases per rank, worst relative error {worst:.2e}")
+    for rank, (_, errors) in enumerate(results):
+        for kind, match in BAD_CONFIGS[world_size].items():
+            assert errors[kind] is not None and match in errors[kind], (rank, kind, errors[kind])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tensor_parallel_experts_match_single_process():
     errs = run_ranks(tp_worker, 2, timeout=240)
@@ -149,7 +157,15 @@ def test_single_process_layer_equals_dense_per_token_loop():
         destroy_parallel_state()
 
 
-def bad_config_worker(rank, world_size, kind):
+BAD_CONFIGS = {
+    4: {"indivisible": "6 experts cannot be split evenly over expert parallel size 4",
+        "tp_gt_experts": "tensor parallel size 4 is larger than the number of experts 2"},
+    2: {"world_size": "needs 4 processes"},
+}
+
+
+def bad_config_error(world_size, kind) -> str | None:
+    """The ValueError message of one bad configuration on this rank (None: it was accepted)."""
     try:
         if kind == "world_size":
             init_parallel_state(ParallelConfig(tensor_parallel_size=world_size * 2, enable_expert_parallel=True))
@@ -165,17 +181,3 @@ def bad_config_worker(rank, world_size, kind):
     finally:
         destroy_parallel_state()
     return None
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize(
-    "kind, world_size, match",
-    [
-        ("indivisible", 4, "6 experts cannot be split evenly over expert parallel size 4"),
-        ("tp_gt_experts", 4, "tensor parallel size 4 is larger than the number of experts 2"),
-        ("world_size", 2, "needs 4 processes"),
-    ],
-)
-def test_bad_configuration_raises_on_every_rank_without_hang(kind, world_size, match):
-    messages = run_ranks(bad_config_worker, world_size, kind, timeout=120)
-    assert all(m is not None and match in m for m in messages), messages

@@ -37,7 +37,11 @@ def _velocity(model, seed=0):
         return model(latents, t, image_slice, ts_idx, input_ids=ids)
 
 
-def _parallel_worker(rank, world_size, path, layout):
+LAYOUTS = {"EP2": dict(data_parallel_size=2, enable_expert_parallel=True), "TP2": dict(tensor_parallel_size=2)}
+UNSUPPORTED = {"SP2": dict(ulysses_degree=2), "PP2": dict(pipeline_parallel_size=2)}
+
+
+def _load_report(path, layout):
     init_parallel_state(ParallelConfig(**layout))
     try:
         model = load_transformer(path, dtype=torch.float32, device="cpu")
@@ -50,19 +54,21 @@ def _parallel_worker(rank, world_size, path, layout):
             "local_expert_ids": list(experts.local_expert_ids),
             "velocity": _velocity(model),
         }
-    finally:
-        destroy_parallel_state()
-
-
-def _unsupported_layout_worker(rank, world_size, path, layout):
-    init_parallel_state(ParallelConfig(**layout))
-    try:
-        load_transformer(path, dtype=torch.float32, device="cpu")
     except NotImplementedError as e:
         return str(e)
     finally:
         destroy_parallel_state()
-    return "no error"
+
+
+def _two_rank_worker(rank, world_size, path):
+    """Every layout of this file in one spawn: each rank's report per layout name."""
+    return {name: _load_report(path, layout) for name, layout in {**LAYOUTS, **UNSUPPORTED}.items()}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """[rank 0's reports, rank 1's reports] from one spawn of 2 gloo ranks."""
+    return run_ranks(_two_rank_worker, 2, tiny_checkpoint_path(), timeout=240)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +86,8 @@ def test_single_process_reads_everything_but_the_skipped_towers(single):
     assert any(n.startswith(p) for n in stored for p in ("vision_model.", "vision_aligner.", "vae.encoder.", "lm_head."))
 
 
-def test_expert_parallel_2_reads_replicated_plus_half_the_experts_and_matches_one_process(single):
+@pytest.mark.slow
+def test_expert_parallel_2_reads_replicated_plus_half_the_experts_and_matches_one_process(single, two_ranks):
     path = tiny_checkpoint_path()
     stored = _stored_bytes(path)
     needed = {n: b for n, b in stored.items() if not n.startswith(SKIPPED_PREFIXES)}
@@ -88,10 +95,8 @@ def test_expert_parallel_2_reads_replicated_plus_half_the_experts_and_matches_on
     replicated_bytes = sum(needed.values()) - expert_bytes
     reference = _velocity(single)
 
-    layout = dict(data_parallel_size=2, enable_expert_parallel=True)
-    reports = run_ranks(_parallel_worker, 2, path, layout, timeout=240)
     held = []
-    for rank, report in enumerate(reports):
+    for rank, report in enumerate(r["EP2"] for r in two_ranks):
         assert report["bytes_read"] == replicated_bytes + expert_bytes // 2
         assert report["expert_bytes_read"] == expert_bytes // 2
         ids = report["local_expert_ids"]
@@ -103,23 +108,23 @@ def test_expert_parallel_2_reads_replicated_plus_half_the_experts_and_matches_on
     assert sorted(held) == list(range(8))
 
 
-def test_tensor_parallel_2_reads_its_attention_slices_and_matches_one_process(single):
+@pytest.mark.slow
+def test_tensor_parallel_2_reads_its_attention_slices_and_matches_one_process(single, two_ranks):
     path = tiny_checkpoint_path()
     stored = _stored_bytes(path)
     needed = {n: b for n, b in stored.items() if not n.startswith(SKIPPED_PREFIXES)}
     split = sum(b for n, b in needed.items() if n.endswith(("qkv_proj.weight", "o_proj.weight")))
-    reports = run_ranks(_parallel_worker, 2, path, dict(tensor_parallel_size=2), timeout=240)
     reference = _velocity(single)
-    for report in reports:
+    for report in (r["TP2"] for r in two_ranks):
         assert report["bytes_read"] == sum(needed.values()) - split // 2
         torch.testing.assert_close(report["velocity"], reference, rtol=1e-5, atol=1e-5)
 
 
-def test_sequence_and_pipeline_parallel_are_refused():
-    path = tiny_checkpoint_path()
-    for layout in (dict(ulysses_degree=2), dict(pipeline_parallel_size=2)):
-        messages = run_ranks(_unsupported_layout_worker, 2, path, layout, timeout=120)
-        assert all("not supported yet" in m for m in messages), messages
+@pytest.mark.slow
+def test_sequence_and_pipeline_parallel_are_refused(two_ranks):
+    for name in UNSUPPORTED:
+        messages = [r[name] for r in two_ranks]
+        assert all(isinstance(m, str) and "not supported yet" in m for m in messages), (name, messages)
 
 
 def test_dummy_load_reads_no_weight_file(tmp_path):

@@ -36,6 +36,7 @@ def linear_worker(rank, world_size):
     return (y - ref).abs().max().item()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_column_then_row_parallel_equals_full_layer():
     errs = run_ranks(linear_worker, 2, timeout=150)

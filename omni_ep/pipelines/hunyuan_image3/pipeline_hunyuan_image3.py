@@ -256,6 +256,7 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
                 progress.update()
         return latents
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str):
         """latents [1, C, h, w] fp32 -> np [1, H, W, 3] / pt [1, 3, H, W] in [0, 1] / the latents themselves."""
         if output_type == "latent":
