@@ -41,10 +41,10 @@ LAYOUTS = {"EP2": dict(data_parallel_size=2, enable_expert_parallel=True), "TP2"
 UNSUPPORTED = {"SP2": dict(ulysses_degree=2), "PP2": dict(pipeline_parallel_size=2)}
 
 
-def _load_report(path, layout):
+def _load_report(path, layout, load_format="safetensors"):
     init_parallel_state(ParallelConfig(**layout))
     try:
-        model = load_transformer(path, dtype=torch.float32, device="cpu")
+        model = load_transformer(path, dtype=torch.float32, device="cpu", load_format=load_format)
         experts = model.model.layers[0].mlp.experts
         stats = model.load_stats
         return {
@@ -62,7 +62,9 @@ def _load_report(path, layout):
 
 def _two_rank_worker(rank, world_size, path):
     """Every layout of this file in one spawn: each rank's report per layout name."""
-    return {name: _load_report(path, layout) for name, layout in {**LAYOUTS, **UNSUPPORTED}.items()}
+    reports = {name: _load_report(path, layout) for name, layout in {**LAYOUTS, **UNSUPPORTED}.items()}
+    reports |= {f"dummy {name}": _load_report(path, layout, "dummy") for name, layout in LAYOUTS.items()}
+    return reports
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +120,19 @@ def test_tensor_parallel_2_reads_its_attention_slices_and_matches_one_process(si
     for report in (r["TP2"] for r in two_ranks):
         assert report["bytes_read"] == sum(needed.values()) - split // 2
         torch.testing.assert_close(report["velocity"], reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dummy_weights_are_the_same_model_in_every_layout(two_ranks):
+    """Each dummy tensor is a function of (seed, name): EP2 ranks draw their own experts, TP2 ranks their own
+    slices, and the model they hold together is the single process's."""
+    ensure_single_process_state()
+    single = load_transformer(tiny_checkpoint_path(), dtype=torch.float32, device="cpu", load_format="dummy")
+    reference = _velocity(single)
+    for name in LAYOUTS:
+        for rank, report in enumerate(r[f"dummy {name}"] for r in two_ranks):
+            assert report["bytes_read"] == 0
+            torch.testing.assert_close(report["velocity"], reference, rtol=1e-5, atol=1e-5, msg=f"{name} rank {rank}")
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import struct
@@ -317,19 +318,52 @@ def _full_shape(model: nn.Module, name: str, param: nn.Parameter) -> tuple[int, 
     return tuple(param.shape)
 
 
-def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Random weights of the real shapes, made on the parameters' device: norms 1, biases 0, the rest
-    N(0, 0.02) (variance-preserving enough for bf16 benchmarks of the full-size model)."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            module = model.get_submodule(name.rpartition(".")[0])
-            if name.endswith("bias"):
-                param.zero_()
-            elif "layernorm" in name or isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
+class DummyCheckpoint:
+    """Random weights under the real names and shapes, read like a SafetensorsCheckpoint (through the same
+    loaders, so each rank draws only its own slices and experts) but from no file: norms 1, biases 0, the rest
+    N(0, 0.02) (variance-preserving enough for bf16 benchmarks of the full-size model).
+
+    Tensor ``name`` is drawn, in fp32 on ``device``, from a generator seeded by (seed, name) alone: every layout
+    holds the same model, so full-size runs can be compared across layouts. Reads count nothing in ``stats``
+    (no byte comes from disk).
+    """
+
+    def __init__(self, config: HunyuanImage3Config, device: torch.device, seed: int = 0):
+        from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import transformer_shapes
+
+        self.index_path = "dummy weights"
+        self.device, self.seed = torch.device(device), seed
+        self.entries = {
+            name: TensorEntry("dummy", torch.float32, shape, 4 * math.prod(shape))
+            for name, shape in transformer_shapes(config).items()
+            if not name.startswith(SKIPPED_PREFIXES)
+        }
+        self.stats = LoadStats()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def entry(self, name: str) -> TensorEntry:
+        return self.entries[name]
+
+    def read(self, name: str, slices: tuple[slice, ...] | None = None, is_expert: bool = False) -> torch.Tensor:
+        from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import is_norm_weight, tensor_seed
+
+        shape = self.entries[name].shape
+        if is_norm_weight(name, shape):
+            tensor = torch.ones(shape, device=self.device)
+        elif name.endswith("bias"):
+            tensor = torch.zeros(shape, device=self.device)
+        else:
+            generator = torch.Generator(device=self.device).manual_seed(tensor_seed(name, self.seed))
+            tensor = torch.empty(shape, device=self.device).normal_(0.0, 0.02, generator=generator)
+        return tensor if slices is None else tensor[slices]
+
+    def close(self) -> None:
+        pass
 
 
 # ---- entry points -----------------------------------------------------------------------------------------
@@ -366,19 +400,15 @@ def load_transformer(
     _check_supported_layout()
     device = torch.device(device) if device is not None else get_parallel_state().device
     config = HunyuanImage3Config.from_pretrained(path)
-    checkpoint = SafetensorsCheckpoint(path) if load_format == "safetensors" else None
+    checkpoint = SafetensorsCheckpoint(path) if load_format == "safetensors" else DummyCheckpoint(config, device, seed)
 
     with parameters_on_meta():
         model = HunyuanImage3Transformer2DModel(config, params_dtype=dtype)
     materialize_parameters(model, device)
-    if checkpoint is None:
-        init_dummy_weights(model, seed)
-        model.load_stats = LoadStats()
-    else:
-        try:
-            model.load_stats = load_weights(model, checkpoint)
-        finally:
-            checkpoint.close()
+    try:
+        model.load_stats = load_weights(model, checkpoint)
+    finally:
+        checkpoint.close()
     return model.eval()
 
 

@@ -123,13 +123,23 @@ def vae_decoder_shapes(config: HunyuanImage3Config) -> dict[str, tuple[int, ...]
     return {f"vae.decoder.{k}": tuple(v.shape) for k, v in decoder.state_dict().items()}
 
 
+def tensor_seed(name: str, seed: int) -> int:
+    """The random seed of checkpoint tensor ``name``: a function of (seed, name) alone, so a tensor's values do
+    not depend on which other tensors a process draws, or in what order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def is_norm_weight(name: str, shape: tuple[int, ...]) -> bool:
+    """RMSNorm / GroupNorm scales (1-D weights of a norm): drawn near 1, not near 0."""
+    is_norm = "norm" in name or name.endswith(("in_layers.0.weight", "out_layers.0.weight", "final_layer.model.1.0.weight"))
+    return len(shape) == 1 and is_norm and name.endswith("weight")
+
+
 def tiny_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Deterministic values for one tensor: norms near 1, biases small, weights ~ N(0, 1/fan_in)."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    generator = torch.Generator().manual_seed(tensor_seed(name, seed))
     values = torch.randn(shape, generator=generator)
-    is_norm = "norm" in name or name.endswith(("in_layers.0.weight", "out_layers.0.weight", "final_layer.model.1.0.weight"))
-    if len(shape) == 1 and is_norm and name.endswith("weight"):
+    if is_norm_weight(name, shape):
         return 1.0 + 0.1 * values
     if len(shape) == 1:
         return 0.05 * values
