@@ -23,6 +23,7 @@ from torch import nn
 
 from omni_ep.distributed import get_ep_group, get_parallel_config, get_tp_group
 from omni_ep.distributed.row_chunks import row_chunk
+from omni_ep.forward_context import get_forward_context
 from omni_ep.layers.fused_moe.dispatch import get_dispatcher_cls
 from omni_ep.layers.fused_moe.expert_placement import (
     build_expert_map,
@@ -142,11 +143,18 @@ class FusedMoE(nn.Module):
             out_TH = self.tp_group.all_reduce(out_TH)
         return out_TH.reshape(shape)
 
+    def _token_bound(self) -> int | None:
+        """The most tokens any EP rank dispatches in this forward, from the forward context (None: unknown)."""
+        max_tokens = get_forward_context().max_tokens_across_ep
+        if max_tokens is None or not self.use_ep:
+            return max_tokens
+        return -(-max_tokens // self.tp_size)  # TP ranks dispatch chunks of at most ceil(T / TP) tokens
+
     def _routed(self, x_TH, logits_TE, x_shared_CH, shared_experts, shared_rows=None) -> torch.Tensor:
         """Route, dispatch, local experts, combine; the shared experts' output on x_shared [C, H] is added to
         rows ``shared_rows`` of the result (all of them when None)."""
         topk_weights_TK, topk_ids_TK = select_experts(logits_TE, self.top_k, self.renormalize)
-        dispatched = self.dispatcher.dispatch(x_TH, topk_ids_TK, topk_weights_TK)
+        dispatched = self.dispatcher.dispatch(x_TH, topk_ids_TK, topk_weights_TK, self._token_bound())
         shared_CH = shared_experts(x_shared_CH) if shared_experts is not None else None
         y_MH = self.experts.apply(
             dispatched.hidden_states, dispatched.topk_ids, dispatched.topk_weights, self.w13_weight, self.w2_weight

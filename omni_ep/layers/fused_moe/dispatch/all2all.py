@@ -1,11 +1,17 @@
 """Sparse all-to-all dispatch: each token goes ONCE to each rank holding at least one of its experts.
 
 The receiving rank runs those of the token's experts it holds, weights and sums them, and sends one partial
-row back; the source adds its partial rows in rank order 0..R-1 (a fixed order: results do not depend on
-timing). Token counts are exchanged first (one small all_to_all), then hidden states and routing.
+row back; the source adds its partial rows in rank order 0..R-1 in fp32 and casts once (a fixed order: results
+do not depend on timing).
 
-Shape legend: T tokens on this rank, R = EP size, S rows sent (token copies, dedup per destination),
-M rows received, K top-k, H hidden.
+Buffers have a fixed size, so nothing is read back to the host: rank r's rows for destination d go, compacted
+in token order, into block d of a send buffer [R, C + 1, H], where the capacity C is the most tokens any rank
+dispatches (``max_tokens``: no block can overflow) and the last row of each block is a dump row for the tokens
+that do not go to d. One all_to_all_single with equal splits moves the blocks; routing travels beside them with
+-1 ids on unused rows, whose experts output exact zeros. Tokens that reach no expert of a rank cost nothing
+there but the rows they occupy on the wire.
+
+Shape legend: T tokens on this rank, R = EP size, C capacity, B = C + 1 rows per block, K top-k, H hidden.
 """
 
 from __future__ import annotations
@@ -19,45 +25,41 @@ from omni_ep.layers.fused_moe.dispatch.base import DispatchResult, Dispatcher, t
 
 @dataclass(frozen=True)
 class AllToAllMetadata:
-    num_tokens: int  # T
-    send_token: torch.Tensor  # [S] source token index of each sent row, sorted by destination rank
-    send_counts: list[int]  # [R] rows sent to each rank
-    recv_counts: list[int]  # [R] rows received from each rank
+    row_TR: torch.Tensor  # int64 [T, R]: row of token t in block r (r * B + slot), or r's dump row
 
 
 class AllToAllDispatcher(Dispatcher):
     name = "all2all"
 
-    def dispatch(self, hidden_states, topk_ids, topk_weights):
+    def dispatch(self, hidden_states, topk_ids, topk_weights, max_tokens=None):
         group = self.ep_group
-        R, (T, K) = group.world_size, topk_ids.shape
+        R, (T, K), H = group.world_size, topk_ids.shape, hidden_states.shape[1]
         device = hidden_states.device
+        B = self.token_bound(T, max_tokens, device) + 1
         expert_map, expert_owner = self.tables(device)
-        owner_TK = expert_owner[topk_ids]
         wanted_TR = torch.zeros(T, R, dtype=torch.bool, device=device)
-        wanted_TR.scatter_(1, owner_TK, True)
-        # Rows grouped by destination rank, tokens ascending within each destination.
-        dest_S, send_token_S = wanted_TR.t().nonzero(as_tuple=True)
-        send_counts_R = torch.bincount(dest_S, minlength=R)
-        recv_counts_R = group.all_to_all_single(send_counts_R, [1] * R, [1] * R)
-        # Host sync: all_to_all_single takes its split sizes as Python lists.
-        send_counts, recv_counts = send_counts_R.tolist(), recv_counts_R.tolist()
+        wanted_TR.scatter_(1, expert_owner[topk_ids], True)
+        slot_TR = torch.cumsum(wanted_TR, dim=0) - 1  # compacted position among the tokens sent to each rank
+        row_TR = torch.where(wanted_TR, slot_TR, B - 1) + B * torch.arange(R, device=device)
 
-        x_MH = group.all_to_all_single(hidden_states[send_token_S], recv_counts, send_counts)
-        # ids travel as fp32 beside the weights (exact below 2^24): one collective for both.
-        routing_S2K = torch.cat([topk_ids[send_token_S].float(), topk_weights[send_token_S].float()], dim=1)
-        routing_M2K = group.all_to_all_single(routing_S2K, recv_counts, send_counts)
-        ids_MK = routing_M2K[:, :K].long()
-        w_MK = routing_M2K[:, K:]
-        metadata = AllToAllMetadata(T, send_token_S, send_counts, recv_counts)
-        return DispatchResult(x_MH, to_local_ids(ids_MK, expert_map), w_MK, metadata)
+        send_x = hidden_states.new_empty(R * B, H)
+        # ids travel as fp32 beside the weights (exact below 2^24): one collective for both; -1 ids mark rows
+        # that hold no token for the receiver.
+        send_routing = torch.full((R * B, 2 * K), -1.0, dtype=torch.float32, device=device)
+        routing_TK2 = torch.cat([topk_ids.float(), topk_weights.float()], dim=1)
+        for r in range(R):  # dump rows take any token that does not go to r; its ids find no expert on r
+            send_x.index_copy_(0, row_TR[:, r], hidden_states)
+            send_routing.index_copy_(0, row_TR[:, r], torch.where(wanted_TR[:, r, None], routing_TK2, -1.0))
+        x_MH = group.all_to_all_single(send_x, [B] * R, [B] * R)
+        routing_MK2 = group.all_to_all_single(send_routing, [B] * R, [B] * R)
+        ids_MK = routing_MK2[:, :K].long()
+        return DispatchResult(x_MH, to_local_ids(ids_MK, expert_map), routing_MK2[:, K:], AllToAllMetadata(row_TR))
 
     def combine(self, expert_output, metadata: AllToAllMetadata):
-        partial_SH = self.ep_group.all_to_all_single(expert_output, metadata.send_counts, metadata.recv_counts)
-        out_TH = torch.zeros(metadata.num_tokens, partial_SH.shape[1], dtype=torch.float32, device=partial_SH.device)
-        start = 0
-        for count in metadata.send_counts:  # rank order; a token appears at most once per rank
-            rows = slice(start, start + count)
-            out_TH.index_add_(0, metadata.send_token[rows], partial_SH[rows].float())
-            start += count
+        R = metadata.row_TR.shape[1]
+        partial = self.ep_group.all_to_all_single(expert_output, [expert_output.shape[0] // R] * R,
+                                                  [expert_output.shape[0] // R] * R)
+        out_TH = partial[metadata.row_TR[:, 0]].float()
+        for r in range(1, R):  # rank order; rows a rank did not get are its dump row: exact zeros
+            out_TH += partial[metadata.row_TR[:, r]]
         return out_TH.to(expert_output.dtype)

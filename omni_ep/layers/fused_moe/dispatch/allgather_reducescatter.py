@@ -25,12 +25,10 @@ class AllGatherMetadata:
 class AllGatherReduceScatterDispatcher(Dispatcher):
     name = "allgather_reducescatter"
 
-    def dispatch(self, hidden_states, topk_ids, topk_weights):
+    def dispatch(self, hidden_states, topk_ids, topk_weights, max_tokens=None):
         group = self.ep_group
         T = hidden_states.shape[0]
-        # Host sync: the padded size of the gather must be known on the host.
-        counts = group.all_gather(torch.tensor([T], dtype=torch.long, device=hidden_states.device))
-        P = max(int(counts.max()), 1)
+        P = max(self.token_bound(T, max_tokens, hidden_states.device), 1)
         pad = P - T
         x_PH = torch.nn.functional.pad(hidden_states, (0, 0, 0, pad))
         ids_PK = torch.nn.functional.pad(topk_ids, (0, 0, 0, pad), value=-1)

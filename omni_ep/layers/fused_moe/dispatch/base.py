@@ -53,10 +53,26 @@ class Dispatcher(ABC):
             self._tables[device] = (cpu_map.to(device), cpu_owner.to(device))
         return self._tables[device]
 
+    def token_bound(self, num_tokens: int, max_tokens: int | None, device: torch.device) -> int:
+        """The most tokens any rank of the group dispatches: ``max_tokens`` when the caller knows it (no sync),
+        else asked from every rank."""
+        if max_tokens is not None:
+            if num_tokens > max_tokens:
+                raise ValueError(f"this rank dispatches {num_tokens} tokens, more than the bound max_tokens={max_tokens}")
+            return max_tokens
+        # Host sync: the buffer sizes must be known on the host.
+        counts = self.ep_group.all_gather(torch.tensor([num_tokens], dtype=torch.long, device=device))
+        return int(counts.max())
+
     @abstractmethod
     def dispatch(
-        self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> DispatchResult: ...
+        self,
+        hidden_states: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        max_tokens: int | None = None,
+    ) -> DispatchResult:
+        """max_tokens: the most tokens any rank of the group dispatches in this call (None: ask them)."""
 
     @abstractmethod
     def combine(self, expert_output: torch.Tensor, metadata: Any) -> torch.Tensor: ...
@@ -67,7 +83,7 @@ class LocalDispatcher(Dispatcher):
 
     name = "local"
 
-    def dispatch(self, hidden_states, topk_ids, topk_weights):
+    def dispatch(self, hidden_states, topk_ids, topk_weights, max_tokens=None):
         expert_map, _ = self.tables(topk_ids.device)
         return DispatchResult(hidden_states, to_local_ids(topk_ids, expert_map), topk_weights, None)
 
