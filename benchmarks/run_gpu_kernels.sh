@@ -10,7 +10,9 @@ mkdir -p "$OUT"
 [ -d .ab_base/omni_ep_base ] || { echo "no .ab_base: run bash benchmarks/make_baseline_package.sh and carry .ab_base"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+# Four workers when pytest-xdist is there: the cases are mostly kernel compiles, which run on the CPU cores.
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider $workers 2>&1 | tee "$OUT/gpu_tests.log"
 tests=$?
 python3 benchmarks/bench_moe.py --mode ab --points 64:8194 32:8194 64:4097 32:16388 16:4097 8:4097 \
     --changed 64:4097 32:16388 16:4097 8:4097 --rounds 6 --budget-ms 900 --settle-ms 200 \
