@@ -1,9 +1,10 @@
 """Timing of one MoE layer's routed experts (HunyuanImage-3.0 shapes) on one GPU, in three modes.
 
---mode compare (the default): contenders side by side. Contenders, all on the same inputs and weights, timed with CUDA events in interleaved rounds: in each round every
-contender runs untimed for --settle-ms (the card's power control lags), then back to back for a share of the
-budget, timed. Reported: the median over rounds, and the ratio to the ceiling as the median of the per-round
-ratios (see interleaved_ms: the lent cards run at their power cap, where this is what holds still):
+--mode compare (the default): contenders side by side, all on the same inputs and weights, timed with CUDA events
+in interleaved rounds: in each round every contender runs untimed for --settle-ms (the card's power control
+lags), then back to back for a share of the budget, timed. Reported: the median over rounds, and the ratio to the
+ceiling as the median of the per-round ratios (see interleaved_ms: the lent cards run at their power cap,
+where this is what holds still):
   triton        omni_ep TritonExperts (tuned configs from the package, or --config-dir)
   torch         omni_ep TorchExperts (sort + torch._grouped_mm)
   hf_<impl>     transformers' hunyuan_v1_moe experts block, once per experts implementation it offers
@@ -133,9 +134,9 @@ def run_meta() -> dict:
     """Device, versions, date and the command line of this run, for the JSON a script writes."""
     import triton
 
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {"device": torch.cuda.get_device_name(), "python": platform.python_version(), "torch": torch.__version__,
-            "triton": triton.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python " + " ".join(sys.argv)}
+            "triton": triton.__version__, "date": date, "command": "python " + " ".join(sys.argv)}
 
 
 def paired_ratio(times: dict[str, list], name: str, baseline: str) -> float:
@@ -308,46 +309,46 @@ def ab_case(num_local: int, num_tokens: int, args, generator, baseline_cls, chan
     x = torch.randn(num_tokens, H, device="cuda", dtype=torch.bfloat16, generator=generator)
     ids, weights = ep_routing(num_tokens, num_local, K, "cuda", generator)
     flops = 2 * 3 * H * I * int((ids >= 0).sum())
-    today, pruned = baseline_cls(), TritonExperts(config_dir=args.config_dir)
-    config = pruned.config_for(x, num_local, I)
+    baseline, current = baseline_cls(), TritonExperts(config_dir=args.config_dir)
+    config = current.config_for(x, num_local, I)
     down, sorted_rows = down_kernel(x.new_empty(config.block_m, I), w2, config.block_m, config.down)
     kernels = f"{gate_up_kernel(x, w13, config.block_m, config.gate_up)} / {down}{' sorted' if sorted_rows else ''}"
     with torch.inference_mode():
         ref = TorchExperts().apply(x.float(), ids, weights, w13.float(), w2.float())
-        out_today = today.apply(x, ids, weights, w13, w2)
-        out_pruned = pruned.apply(x, ids, weights, w13, w2)
+        out_baseline = baseline.apply(x, ids, weights, w13, w2)
+        out_current = current.apply(x, ids, weights, w13, w2)
         err = {name: ((out.float() - ref).norm() / ref.norm()).item()
-               for name, out in (("today", out_today), ("pruned", out_pruned))}
-        bitwise = torch.equal(out_today, out_pruned)
-        del ref, out_today, out_pruned
-        times = interleaved_ms({"today": lambda: today.apply(x, ids, weights, w13, w2),
-                                "pruned": lambda: pruned.apply(x, ids, weights, w13, w2)},
+               for name, out in (("baseline", out_baseline), ("current", out_current))}
+        bitwise = torch.equal(out_baseline, out_current)
+        del ref, out_baseline, out_current
+        times = interleaved_ms({"baseline": lambda: baseline.apply(x, ids, weights, w13, w2),
+                                "current": lambda: current.apply(x, ids, weights, w13, w2)},
                                args.budget_ms, args.rounds, settle_ms=args.settle_ms)
-    speed = paired_ratio(times, "pruned", "today")
-    outputs_ok = bitwise or (changed and err["pruned"] < 1e-2)
+    speed = paired_ratio(times, "current", "baseline")
+    outputs_ok = bitwise or (changed and err["current"] < 1e-2)
     return {"experts_local": num_local, "tokens": num_tokens, "changed": changed, "kernels": kernels,
-            "config_today": today.config_for(x, num_local, I), "config_pruned": config.to_dict(),
-            "ms_today": statistics.median(times["today"]), "ms_pruned": statistics.median(times["pruned"]),
-            "tflops_pruned": flops / statistics.median(times["pruned"]) / 1e9, "speed_pruned_over_today": speed,
+            "config_baseline": baseline.config_for(x, num_local, I), "config_current": config.to_dict(),
+            "ms_baseline": statistics.median(times["baseline"]), "ms_current": statistics.median(times["current"]),
+            "tflops_current": flops / statistics.median(times["current"]) / 1e9, "speed_current_over_baseline": speed,
             "rounds_ms": times, "bitwise_equal": bitwise, "rel_err_vs_fp32": err, "outputs_ok": outputs_ok,
             "within_2pct": speed >= 0.98}
 
 
 def ab_table(rows: list[dict]) -> str:
-    lines = ["| E_local | T | pruned kernels (gate_up / down) | path changed | today ms | pruned ms | pruned TFLOP/s "
-             "| speed pruned / today | outputs | verdict |", "|" + "---|" * 10]
+    lines = ["| E_local | T | kernels now (gate_up / down) | path changed | baseline ms | current ms | TFLOP/s now "
+             "| speed now / baseline | outputs | verdict |", "|" + "---|" * 10]
     for r in rows:
-        outputs = "bitwise equal" if r["bitwise_equal"] else f"rel err {r['rel_err_vs_fp32']['pruned']:.1e} vs fp32"
+        outputs = "bitwise equal" if r["bitwise_equal"] else f"rel err {r['rel_err_vs_fp32']['current']:.1e} vs fp32"
         verdict = "ok" if r["outputs_ok"] and r["within_2pct"] else (
             "OUTPUTS DIFFER" if not r["outputs_ok"] else "SLOWER THAN 2%")
         lines.append(f"| {r['experts_local']} | {r['tokens']} | {r['kernels']} | {'yes' if r['changed'] else 'no'} "
-                     f"| {r['ms_today']:.3f} | {r['ms_pruned']:.3f} | {r['tflops_pruned']:.0f} "
-                     f"| x{r['speed_pruned_over_today']:.3f} | {outputs} | {verdict} |")
+                     f"| {r['ms_baseline']:.3f} | {r['ms_current']:.3f} | {r['tflops_current']:.0f} "
+                     f"| x{r['speed_current_over_baseline']:.3f} | {outputs} | {verdict} |")
     return "\n".join(lines)
 
 
 def ab_main(args) -> int:
-    """--mode ab: today's experts (the baseline package, see make_baseline_package.sh) against this package's."""
+    """--mode ab: the baseline package's experts (make_baseline_package.sh) against this package's."""
     sys.path.insert(0, str(args.baseline.resolve()))
     try:
         from omni_ep_base.layers.fused_moe.experts.triton_experts import TritonExperts as BaselineExperts
@@ -368,10 +369,10 @@ def ab_main(args) -> int:
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.table:
-        args.table.write_text(f"# Whole expert path: before the kernel pruning ({meta['baseline']}) vs after\n\n"
+        args.table.write_text(f"# Whole expert path: {meta['baseline']} (baseline) vs this tree (current)\n\n"
                               f"{json.dumps(meta, indent=1)}\n\nSame process, same inputs, interleaved rounds at "
-                              f"steady state (bench_moe.interleaved_ms); speed = median of per-round today / pruned "
-                              f"times.\n\n{text}\n")
+                              f"steady state (bench_moe.interleaved_ms); speed = median of per-round "
+                              f"baseline / current times.\n\n{text}\n")
     return 0 if all(r["outputs_ok"] for r in rows) else 1
 
 

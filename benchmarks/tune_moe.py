@@ -13,9 +13,9 @@ writes E{E}_N{I}_{device}.json per E (format in omni_ep/.../triton_configs.py).
 
 --refine starts from the files already there (in --out-dir, else the package's) instead of sweeping tiles:
 for each point it times the whole path (TritonExperts.apply) with one change at a time (down first, then gate_up:
-stages, group size, the tma or gluon kernel) in rounds interleaved with the current config, and keeps the best change where the median of the per-round speedups passes --min-gain twice: in
-the screen of all candidates and in a two-way A/B that confirms it. Each timed slot follows 300 ms of untimed
-runs of the same config (bench_moe.interleaved_ms): on a power-capped card a kernel timed right after another
+stages, group size, the tma or gluon kernel) in rounds interleaved with the current config, and keeps the best
+change where the median of the per-round speedups passes --min-gain twice: in the screen of all candidates and
+in a two-way A/B that confirms it. Each timed slot follows 300 ms of untimed runs of the same config (bench_moe.interleaved_ms): on a power-capped card a kernel timed right after another
 partly runs at the other's clock, which flips few-percent verdicts:
 
   python benchmarks/tune_moe.py --refine --experts 64 32 16 8 --tokens 1024 4096 8192 16384 \
@@ -68,13 +68,13 @@ def tile_candidates(block_m: int, gemm_name: str) -> list[GemmConfig]:
     tile holds two weight tiles (gate and up). The gluon kernels take 16 rows per warp (num_warps = block_m / 16);
     programs_per_sm 0: a plain grid instead of a persistent one."""
     if block_m <= 32:
-        return [gemm("pointer", 64, 128, 1, 4, 4), gemm("pointer", 128, 128, 1, 4, 3), gemm("pointer", 64, 64, 1, 4, 5),
-                gemm("pointer", 128, 64, 1, 4, 4), gemm("pointer", 32, 128, 1, 4, 4)]
+        return [gemm("pointer", 64, 128, 1, 4, 4), gemm("pointer", 128, 128, 1, 4, 3),
+                gemm("pointer", 64, 64, 1, 4, 5), gemm("pointer", 128, 64, 1, 4, 4), gemm("pointer", 32, 128, 1, 4, 4)]
     if block_m == 64:
         if gemm_name == "gate_up":
-            return [gemm("pointer", 128, 64, 8, 4, 4), gemm("pointer", 128, 64, 8, 8, 4), gemm("pointer", 64, 128, 8, 4, 3),
-                    gemm("pointer", 64, 64, 8, 4, 5), gemm("tma", 128, 64, 8, 4, 4), gemm("tma", 128, 64, 8, 8, 4),
-                    gemm("gluon", 128, 64, 8, 4, 4)]
+            return [gemm("pointer", 128, 64, 8, 4, 4), gemm("pointer", 128, 64, 8, 8, 4),
+                    gemm("pointer", 64, 128, 8, 4, 3), gemm("pointer", 64, 64, 8, 4, 5),
+                    gemm("tma", 128, 64, 8, 4, 4), gemm("tma", 128, 64, 8, 8, 4), gemm("gluon", 128, 64, 8, 4, 4)]
         return [gemm("pointer", 128, 64, 8, 4, 4), gemm("pointer", 256, 64, 8, 8, 4), gemm("pointer", 128, 128, 8, 4, 3),
                 gemm("pointer", 256, 64, 8, 8, 3), gemm("pointer", 128, 64, 8, 4, 4, programs_per_sm=2),
                 gemm("tma", 256, 64, 8, 8, 4), gemm("tma", 128, 64, 8, 4, 4), gemm("gluon", 128, 64, 8, 4, 4)]
@@ -85,9 +85,9 @@ def tile_candidates(block_m: int, gemm_name: str) -> list[GemmConfig]:
                 gemm("gluon", 128, 64, 8, 8, 3), gemm("gluon", 128, 64, 8, 8, 4)]
     # The gluon down writes sorted rows at 3 stages (its staging tile fits beside the ring), scatters at 4.
     return [gemm("pointer", 256, 64, 8, 8, 3), gemm("pointer", 256, 64, 8, 8, 4), gemm("tma", 256, 64, 8, 8, 3),
-            gemm("tma", 256, 64, 8, 8, 4), gemm("tma", 256, 64, 16, 8, 4), gemm("tma", 256, 64, 8, 8, 4, programs_per_sm=0),
-            gemm("tma", 128, 64, 8, 8, 4), gemm("tma", 128, 128, 8, 8, 3), gemm("gluon", 256, 64, 8, 8, 3),
-            gemm("gluon", 256, 64, 8, 8, 4)]
+            gemm("tma", 256, 64, 8, 8, 4), gemm("tma", 256, 64, 16, 8, 4),
+            gemm("tma", 256, 64, 8, 8, 4, programs_per_sm=0), gemm("tma", 128, 64, 8, 8, 4),
+            gemm("tma", 128, 128, 8, 8, 3), gemm("gluon", 256, 64, 8, 8, 3), gemm("gluon", 256, 64, 8, 8, 4)]
 
 
 def time_ms(fn) -> float:
