@@ -15,8 +15,9 @@ writes E{E}_N{I}_{device}.json per E (format in omni_ep/.../triton_configs.py).
 for each point it times the whole path (TritonExperts.apply) with one change at a time (down first, then gate_up:
 stages, group size, the tma or gluon kernel) in rounds interleaved with the current config, and keeps the best
 change where the median of the per-round speedups passes --min-gain twice: in the screen of all candidates and
-in a two-way A/B that confirms it. Each timed slot follows 300 ms of untimed runs of the same config (bench_moe.interleaved_ms): on a power-capped card a kernel timed right after another
-partly runs at the other's clock, which flips few-percent verdicts:
+in a two-way A/B that confirms it. Each timed slot follows 300 ms of untimed runs of the same config
+(bench_moe.interleaved_ms): on a power-capped card a kernel timed right after another partly runs at the other's
+clock, which flips few-percent verdicts:
 
   python benchmarks/tune_moe.py --refine --experts 64 32 16 8 --tokens 1024 4096 8192 16384 \
       --out-dir omni_ep/layers/fused_moe/experts/configs
@@ -75,8 +76,9 @@ def tile_candidates(block_m: int, gemm_name: str) -> list[GemmConfig]:
             return [gemm("pointer", 128, 64, 8, 4, 4), gemm("pointer", 128, 64, 8, 8, 4),
                     gemm("pointer", 64, 128, 8, 4, 3), gemm("pointer", 64, 64, 8, 4, 5),
                     gemm("tma", 128, 64, 8, 4, 4), gemm("tma", 128, 64, 8, 8, 4), gemm("gluon", 128, 64, 8, 4, 4)]
-        return [gemm("pointer", 128, 64, 8, 4, 4), gemm("pointer", 256, 64, 8, 8, 4), gemm("pointer", 128, 128, 8, 4, 3),
-                gemm("pointer", 256, 64, 8, 8, 3), gemm("pointer", 128, 64, 8, 4, 4, programs_per_sm=2),
+        return [gemm("pointer", 128, 64, 8, 4, 4), gemm("pointer", 256, 64, 8, 8, 4),
+                gemm("pointer", 128, 128, 8, 4, 3), gemm("pointer", 256, 64, 8, 8, 3),
+                gemm("pointer", 128, 64, 8, 4, 4, programs_per_sm=2),
                 gemm("tma", 256, 64, 8, 8, 4), gemm("tma", 128, 64, 8, 4, 4), gemm("gluon", 128, 64, 8, 4, 4)]
     # block_m 128: 128 x 256 x 64 tiles (gate_up: 128 gate + 128 up columns), 3-4 stages.
     if gemm_name == "gate_up":
