@@ -1,9 +1,10 @@
-"""Side-by-side timing of one MoE layer's routed experts (HunyuanImage-3.0 shapes) on one GPU.
+"""Timing of one MoE layer's routed experts (HunyuanImage-3.0 shapes) on one GPU, in three modes.
 
-Contenders, all on the same inputs and weights, timed with CUDA events in interleaved rounds: in each round every
-contender runs untimed for --settle-ms (the card's power control lags), then back to back for a share of the
-budget, timed. Reported: the median over rounds, and the ratio to the ceiling as the median of the per-round
-ratios (see interleaved_ms: the lent cards run at their power cap, where this is what holds still):
+--mode compare (the default): contenders side by side, all on the same inputs and weights, timed with CUDA events
+in interleaved rounds: in each round every contender runs untimed for --settle-ms (the card's power control
+lags), then back to back for a share of the budget, timed. Reported: the median over rounds, and the ratio to the
+ceiling as the median of the per-round ratios (see interleaved_ms: the lent cards run at their power cap,
+where this is what holds still):
   triton        omni_ep TritonExperts (tuned configs from the package, or --config-dir)
   torch         omni_ep TorchExperts (sort + torch._grouped_mm)
   hf_<impl>     transformers' hunyuan_v1_moe experts block, once per experts implementation it offers
@@ -16,6 +17,16 @@ become -1. FLOPs count the LOCAL (token, expert) pairs only: 2 * 3 * H * I per p
 
   python benchmarks/bench_moe.py --tokens 1024 4097 8194 16388 --experts 64 32 16 8 \
       --json benchmarks/results/moe_h100.json --table benchmarks/results/moe_h100.md
+
+--mode ab: the whole Triton expert path of another version of the package (omni_ep_base, written by
+benchmarks/make_baseline_package.sh into .ab_base/, with its own tuned files) against this one's, in one process
+on the same inputs, interleaved as above; outputs must be bitwise equal, or within 1e-2 of fp32 at the --changed
+points (whose kernels differ). Exit code 1 when outputs disagree.
+
+  bash benchmarks/make_baseline_package.sh 4f8aa63
+  python benchmarks/bench_moe.py --mode ab --points 64:8194 32:8194 64:4097 --changed 64:4097 --json ab.json
+
+--mode shared-mlp: the shared MLP, replicated vs a TP share, next to the routed experts (shared_mlp_main).
 """
 
 from __future__ import annotations
@@ -123,14 +134,9 @@ def run_meta() -> dict:
     """Device, versions, date and the command line of this run, for the JSON a script writes."""
     import triton
 
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
-
-
-def write_ab_json(path: Path, **results) -> None:
-    """results plus run_meta(), as JSON at path (folders made as needed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**run_meta(), **results}, indent=1))
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"device": torch.cuda.get_device_name(), "python": platform.python_version(), "torch": torch.__version__,
+            "triton": triton.__version__, "date": date, "command": "python " + " ".join(sys.argv)}
 
 
 def paired_ratio(times: dict[str, list], name: str, baseline: str) -> float:
@@ -205,15 +211,15 @@ def triton_stages_ms(x, ids, weights, w13, w2, config_dir, budget_ms) -> dict:
     experts = TritonExperts(config_dir=config_dir)
     config = experts.config_for(x, w13.shape[0], w2.shape[2])
     sms = experts.num_sms(x.device)
-    align = align_pairs_to_blocks(ids, w13.shape[0], config["BLOCK_M"])
-    h = gate_up_swiglu(x, w13, align, ids.shape[1], config["gate_up"], sms)
-    y, row_of_pair = down_unpermute(h, w2, weights, align, config["down"], sms)
+    align = align_pairs_to_blocks(ids, w13.shape[0], config.block_m)
+    h = gate_up_swiglu(x, w13, align, ids.shape[1], config.gate_up, sms)
+    y, row_of_pair = down_unpermute(h, w2, weights, align, config.down, sms)
     return {
-        "align": median_ms(lambda: align_pairs_to_blocks(ids, w13.shape[0], config["BLOCK_M"]), budget_ms),
-        "gate_up": median_ms(lambda: gate_up_swiglu(x, w13, align, ids.shape[1], config["gate_up"], sms), budget_ms),
-        "down": median_ms(lambda: down_unpermute(h, w2, weights, align, config["down"], sms), budget_ms),
+        "align": median_ms(lambda: align_pairs_to_blocks(ids, w13.shape[0], config.block_m), budget_ms),
+        "gate_up": median_ms(lambda: gate_up_swiglu(x, w13, align, ids.shape[1], config.gate_up, sms), budget_ms),
+        "down": median_ms(lambda: down_unpermute(h, w2, weights, align, config.down, sms), budget_ms),
         "topk_sum": median_ms(lambda: topk_sum(y, ids, w13.shape[0], row_of_pair), budget_ms),
-        "config": config,
+        "config": config.to_dict(),
     }
 
 
@@ -291,8 +297,128 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ab_case(num_local: int, num_tokens: int, args, generator, baseline_cls, changed: bool) -> dict:
+    """The whole expert path of the baseline package (its own configs) against this one's, same inputs, timed in
+    interleaved rounds. Outputs must be bitwise equal, or, where the point's kernels changed, within 1e-2 of an
+    fp32 reference (as the baseline's are)."""
+    from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import down_kernel
+    from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gate_up_kernel
+
+    H, I, K = args.hidden, args.intermediate, args.top_k
+    w13, w2 = expert_weights(num_local, H, I, torch.bfloat16, "cuda", generator)
+    x = torch.randn(num_tokens, H, device="cuda", dtype=torch.bfloat16, generator=generator)
+    ids, weights = ep_routing(num_tokens, num_local, K, "cuda", generator)
+    flops = 2 * 3 * H * I * int((ids >= 0).sum())
+    baseline, current = baseline_cls(), TritonExperts(config_dir=args.config_dir)
+    config = current.config_for(x, num_local, I)
+    down, sorted_rows = down_kernel(x.new_empty(config.block_m, I), w2, config.block_m, config.down)
+    kernels = f"{gate_up_kernel(x, w13, config.block_m, config.gate_up)} / {down}{' sorted' if sorted_rows else ''}"
+    with torch.inference_mode():
+        ref = TorchExperts().apply(x.float(), ids, weights, w13.float(), w2.float())
+        out_baseline = baseline.apply(x, ids, weights, w13, w2)
+        out_current = current.apply(x, ids, weights, w13, w2)
+        err = {name: ((out.float() - ref).norm() / ref.norm()).item()
+               for name, out in (("baseline", out_baseline), ("current", out_current))}
+        bitwise = torch.equal(out_baseline, out_current)
+        del ref, out_baseline, out_current
+        times = interleaved_ms({"baseline": lambda: baseline.apply(x, ids, weights, w13, w2),
+                                "current": lambda: current.apply(x, ids, weights, w13, w2)},
+                               args.budget_ms, args.rounds, settle_ms=args.settle_ms)
+    speed = paired_ratio(times, "current", "baseline")
+    outputs_ok = bitwise or (changed and err["current"] < 1e-2)
+    return {"experts_local": num_local, "tokens": num_tokens, "changed": changed, "kernels": kernels,
+            "config_baseline": baseline.config_for(x, num_local, I), "config_current": config.to_dict(),
+            "ms_baseline": statistics.median(times["baseline"]), "ms_current": statistics.median(times["current"]),
+            "tflops_current": flops / statistics.median(times["current"]) / 1e9, "speed_current_over_baseline": speed,
+            "rounds_ms": times, "bitwise_equal": bitwise, "rel_err_vs_fp32": err, "outputs_ok": outputs_ok,
+            "within_2pct": speed >= 0.98}
+
+
+def ab_table(rows: list[dict]) -> str:
+    lines = ["| E_local | T | kernels now (gate_up / down) | path changed | baseline ms | current ms | TFLOP/s now "
+             "| speed now / baseline | outputs | verdict |", "|" + "---|" * 10]
+    for r in rows:
+        outputs = "bitwise equal" if r["bitwise_equal"] else f"rel err {r['rel_err_vs_fp32']['current']:.1e} vs fp32"
+        verdict = "ok" if r["outputs_ok"] and r["within_2pct"] else (
+            "OUTPUTS DIFFER" if not r["outputs_ok"] else "SLOWER THAN 2%")
+        lines.append(f"| {r['experts_local']} | {r['tokens']} | {r['kernels']} | {'yes' if r['changed'] else 'no'} "
+                     f"| {r['ms_baseline']:.3f} | {r['ms_current']:.3f} | {r['tflops_current']:.0f} "
+                     f"| x{r['speed_current_over_baseline']:.3f} | {outputs} | {verdict} |")
+    return "\n".join(lines)
+
+
+def ab_main(args) -> int:
+    """--mode ab: the baseline package's experts (make_baseline_package.sh) against this package's."""
+    sys.path.insert(0, str(args.baseline.resolve()))
+    try:
+        from omni_ep_base.layers.fused_moe.experts.triton_experts import TritonExperts as BaselineExperts
+    except ImportError:
+        sys.exit(f"no omni_ep_base under {args.baseline}: run benchmarks/make_baseline_package.sh first.")
+    points = [tuple(int(v) for v in p.split(":")) for p in args.points]
+    changed = {tuple(int(v) for v in p.split(":")) for p in args.changed}
+    generator = torch.Generator("cuda").manual_seed(args.seed)
+    rows = []
+    for num_local, num_tokens in points:
+        row = ab_case(num_local, num_tokens, args, generator, BaselineExperts, (num_local, num_tokens) in changed)
+        rows.append(row)
+        print(ab_table([row]).splitlines()[-1], flush=True)
+        torch.cuda.empty_cache()
+    meta = {**run_meta(), "baseline": (args.baseline / "COMMIT").read_text().strip()}
+    text = ab_table(rows)
+    print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}; baseline {meta['baseline']}\n{text}")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if args.table:
+        args.table.write_text(f"# Whole expert path: {meta['baseline']} (baseline) vs this tree (current)\n\n"
+                              f"{json.dumps(meta, indent=1)}\n\nSame process, same inputs, interleaved rounds at "
+                              f"steady state (bench_moe.interleaved_ms); speed = median of per-round "
+                              f"baseline / current times.\n\n{text}\n")
+    return 0 if all(r["outputs_ok"] for r in rows) else 1
+
+
+def shared_mlp_main(args) -> None:
+    """--mode shared-mlp: the shared MLP of a HunyuanImage-3.0 MoE layer, replicated (what omni_ep runs) vs the
+    per-rank share a tensor-parallel split would compute (I / TP), next to the routed experts of the same layer.
+    A TP split would add no collective (its partial output joins the layer's one TP all-reduce), so the
+    difference is compute alone."""
+    from triton.testing import do_bench
+
+    from omni_ep.config import ParallelConfig
+    from omni_ep.distributed import destroy_parallel_state, init_parallel_state
+    from omni_ep.models.hunyuan_image3.moe import HunyuanFusedMoE, HunyuanImage3SharedMLP
+
+    init_parallel_state(ParallelConfig())
+    H, I, E, dev, dtype = args.hidden, args.intermediate, NUM_GLOBAL_EXPERTS, torch.device("cuda"), torch.bfloat16
+    experts = HunyuanFusedMoE(num_experts=E, top_k=args.top_k, hidden_size=H, intermediate_size=I,
+                              params_dtype=dtype).to(dev)
+    for w in (experts.w13_weight, experts.w2_weight):
+        w.data.normal_(0, 0.02)
+    rows = []
+    for T in args.tokens:
+        x = torch.randn(T, H, device=dev, dtype=dtype)
+        logits = torch.randn(T, E, device=dev)
+        routed_ms = do_bench(lambda: experts(x, logits), return_mode="median")
+        for tp in (1, 2, 4, 8):
+            mlp = HunyuanImage3SharedMLP(H, I // tp, params_dtype=dtype).to(dev)
+            for param in mlp.parameters():
+                param.data.normal_(0, 0.02)
+            ms = do_bench(lambda: mlp(x), return_mode="median")
+            rows.append(dict(tokens=T, tp_share=tp, shared_mlp_ms=ms, routed_experts_ms=routed_ms,
+                             shared_over_routed=ms / routed_ms))
+    destroy_parallel_state()
+    print(f"{torch.cuda.get_device_name()} | shared MLP (I={I}) per-rank share vs routed experts "
+          f"({E} experts top-{args.top_k}, {experts.experts.name} experts), bf16")
+    print(f"{'tokens':>7s} {'share':>6s} {'shared ms':>10s} {'routed ms':>10s} {'shared/routed':>14s}")
+    for r in rows:
+        print(f"{r['tokens']:7d} {'1/' + str(r['tp_share']):>6s} {r['shared_mlp_ms']:10.3f} "
+              f"{r['routed_experts_ms']:10.3f} {r['shared_over_routed']:14.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": run_meta(), "rows": rows}, indent=2))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["compare", "ab", "shared-mlp"], default="compare")
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4097, 8194, 16388])
     p.add_argument("--experts", type=int, nargs="+", default=[64, 32, 16, 8], help="E_local = 64 / EP")
     p.add_argument("--hidden", type=int, default=4096)
@@ -303,12 +429,20 @@ def main():
     p.add_argument("--budget-ms", type=float, default=300.0, help="timed milliseconds per contender and shape")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds the budget is split into")
     p.add_argument("--settle-ms", type=float, default=200.0, help="untimed run before each timed slot")
+    p.add_argument("--points", nargs="+", default=["64:8194", "32:8194"], help="--mode ab: E_local:T")
+    p.add_argument("--changed", nargs="*", default=[], help="--mode ab: points whose kernels changed (E_local:T)")
+    p.add_argument("--baseline", type=Path, default=Path(__file__).resolve().parents[1] / ".ab_base",
+                   help="--mode ab: the folder holding omni_ep_base (make_baseline_package.sh)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--table", type=Path, default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_moe.py times CUDA kernels: run it on a machine with a CUDA GPU.")
+    if args.mode == "ab":
+        sys.exit(ab_main(args))
+    if args.mode == "shared-mlp":
+        return shared_mlp_main(args)
     for e in args.experts:
         if not 1 <= e <= NUM_GLOBAL_EXPERTS or NUM_GLOBAL_EXPERTS % e:
             sys.exit(f"--experts {e}: E_local must divide {NUM_GLOBAL_EXPERTS} (E_local = 64 / EP).")
@@ -324,20 +458,13 @@ def main():
         del w13, w2
         torch.cuda.empty_cache()
     import transformers
-    import triton
 
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-                     "transformers": transformers.__version__},
-        "command": "python " + " ".join(sys.argv),
-        "shapes": {"hidden": args.hidden, "intermediate": args.intermediate, "top_k": args.top_k,
-                   "global_experts": NUM_GLOBAL_EXPERTS, "dtype": "bfloat16"},
-        "flops": "2*3*H*I per LOCAL (token, expert) pair; EP rank 0 of 64/E_local, non-local slots are -1",
-    }
+    meta = {**run_meta(), "transformers": transformers.__version__,
+            "shapes": {"hidden": args.hidden, "intermediate": args.intermediate, "top_k": args.top_k,
+                       "global_experts": NUM_GLOBAL_EXPERTS, "dtype": "bfloat16"},
+            "flops": "2*3*H*I per LOCAL (token, expert) pair; EP rank 0 of 64/E_local, non-local slots are -1"}
     text = table(rows)
-    print(f"\n{meta['device']}  {meta['date']}  torch {torch.__version__} triton {triton.__version__}")
+    print(f"\n{meta['device']}  {meta['date']}  torch {meta['torch']} triton {meta['triton']}")
     print(meta["flops"])
     print(text)
     if args.json:

@@ -1,10 +1,10 @@
 """Tune the Triton expert GEMMs for HunyuanImage-3.0 shapes and write the JSON files the package reads.
 
 For each E_local and token count M, routing is drawn as in bench_moe.py (64 global experts, top-8, this rank's
-E_local of them). For each candidate BLOCK_M (the row padding of the alignment, shared by both GEMMs) every
-gate_up and every down tile candidate is timed alone (triton.testing.do_bench, median); the BLOCK_M with the
-smallest sum of the two best times wins. The candidate lists are short on purpose (about 5 per GEMM and
-BLOCK_M): a sweep that fits one 10-minute GPU session, not an exhaustive search.
+E_local of them). For each candidate block_m (the row padding of the alignment, shared by both GEMMs) every
+gate_up and every down tile candidate is timed alone (triton.testing.do_bench, median); the block_m with the
+smallest sum of the two best times wins. The candidate lists are short on purpose (5-10 per GEMM and
+block_m): a sweep that fits one 10-minute GPU session, not an exhaustive search.
 
   python benchmarks/tune_moe.py --experts 64 32 16 8 --tokens 64 256 1024 4096 8192 16384 \
       --out-dir omni_ep/layers/fused_moe/experts/configs
@@ -13,11 +13,11 @@ writes E{E}_N{I}_{device}.json per E (format in omni_ep/.../triton_configs.py).
 
 --refine starts from the files already there (in --out-dir, else the package's) instead of sweeping tiles:
 for each point it times the whole path (TritonExperts.apply) with one change at a time (down first, then gate_up:
-stages, group size, FLATTEN, HALF_TILES, TMA_STORE, ONE_DOT, GLUON (+ SORTED_Y for down)) in rounds interleaved with the
-current config, and keeps the best change where the median of the per-round speedups passes --min-gain twice: in
-the screen of all candidates and in a two-way A/B that confirms it. Each timed slot follows 300 ms of untimed
-runs of the same config (bench_moe.interleaved_ms): on a power-capped card a kernel timed right after another
-partly runs at the other's clock, which flips few-percent verdicts:
+stages, group size, the tma or gluon kernel) in rounds interleaved with the current config, and keeps the best
+change where the median of the per-round speedups passes --min-gain twice: in the screen of all candidates and
+in a two-way A/B that confirms it. Each timed slot follows 300 ms of untimed runs of the same config
+(bench_moe.interleaved_ms): on a power-capped card a kernel timed right after another partly runs at the other's
+clock, which flips few-percent verdicts:
 
   python benchmarks/tune_moe.py --refine --experts 64 32 16 8 --tokens 1024 4096 8192 16384 \
       --out-dir omni_ep/layers/fused_moe/experts/configs
@@ -26,6 +26,7 @@ partly runs at the other's clock, which flips few-percent verdicts:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -37,16 +38,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_moe import ep_routing, expert_weights, interleaved_ms, paired_ratio, run_meta  # noqa: E402
 
-from omni_ep.layers.fused_moe.experts.triton_configs import CONFIG_DIR, config_file_name  # noqa: E402
+from omni_ep.layers.fused_moe.experts.triton_configs import (  # noqa: E402
+    CONFIG_DIR,
+    GemmConfig,
+    MoEConfig,
+    config_file_name,
+    load_config_file,
+)
 from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import down_unpermute  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gate_up_swiglu  # noqa: E402
 
 
-def tile(block_n, block_k, group_m, num_warps, num_stages, **extra):
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m, "num_warps": num_warps,
-            "num_stages": num_stages, **extra}
+def gemm(kernel, block_n, block_k, group_m, num_warps, num_stages, programs_per_sm=1) -> GemmConfig:
+    return GemmConfig(kernel, block_n, block_k, group_m, num_warps, num_stages, programs_per_sm)
 
 
 def block_m_candidates(num_tokens: int) -> list[int]:
@@ -58,41 +64,32 @@ def block_m_candidates(num_tokens: int) -> list[int]:
     return [64, 128]
 
 
-def tile_candidates(block_m: int, gemm: str) -> list[dict]:
-    """Tiles that fit Hopper's shared memory at this BLOCK_M; gate_up holds two B tiles (gate and up).
-    ONE_DOT: gate_up as one MMA twice as wide; PROGRAMS_PER_SM 0: a plain grid instead of a persistent one;
-    TMA / SORTED_X / WARP_SPECIALIZE / HALF_TILES / GLUON / SORTED_Y: see the kernels' docstrings."""
+def tile_candidates(block_m: int, gemm_name: str) -> list[GemmConfig]:
+    """Tiles that fit Hopper's shared memory at this block_m, for each kernel (triton_configs.KERNELS); gate_up's
+    tile holds two weight tiles (gate and up). The gluon kernels take 16 rows per warp (num_warps = block_m / 16);
+    programs_per_sm 0: a plain grid instead of a persistent one."""
     if block_m <= 32:
-        return [tile(64, 128, 1, 4, 4), tile(128, 128, 1, 4, 3), tile(64, 64, 1, 4, 5), tile(128, 64, 1, 4, 4),
-                tile(32, 128, 1, 4, 4)]
+        return [gemm("pointer", 64, 128, 1, 4, 4), gemm("pointer", 128, 128, 1, 4, 3),
+                gemm("pointer", 64, 64, 1, 4, 5), gemm("pointer", 128, 64, 1, 4, 4), gemm("pointer", 32, 128, 1, 4, 4)]
     if block_m == 64:
-        if gemm == "gate_up":
-            return [tile(128, 64, 8, 4, 4), tile(128, 64, 8, 8, 4), tile(64, 128, 8, 4, 3), tile(64, 64, 8, 4, 5),
-                    tile(128, 64, 8, 4, 4, ONE_DOT=True), tile(128, 64, 8, 4, 4, TMA=True),
-                    tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True)]
-        return [tile(128, 64, 8, 4, 4), tile(256, 64, 8, 8, 4), tile(128, 128, 8, 4, 3), tile(256, 64, 8, 8, 3),
-                tile(128, 64, 8, 4, 4, PROGRAMS_PER_SM=2), tile(256, 64, 8, 8, 4, TMA=True),
-                tile(128, 64, 8, 4, 4, TMA=True)]
-    # BLOCK_M 128: 128 x 256 x 64 tiles (gate_up: 128 gate + 128 up columns), pointer loads (cp.async) or the
-    # copy engine (TMA), persistent or plain grid, 3-4 stages.
-    if gemm == "gate_up":
-        return [tile(128, 64, 8, 8, 3, ONE_DOT=True), tile(128, 64, 8, 8, 4, ONE_DOT=True),
-                tile(128, 64, 8, 8, 3, TMA=True), tile(128, 64, 8, 8, 4, TMA=True),
-                tile(128, 64, 8, 8, 3, TMA=True, ONE_DOT=True), tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True),
-                tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True, PROGRAMS_PER_SM=0),
-                tile(128, 64, 8, 8, 4, TMA=True, SORTED_X=True),
-                tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True, SORTED_X=True),
-                tile(128, 64, 8, 8, 3, TMA=True, ONE_DOT=True, SORTED_X=True, WARP_SPECIALIZE=True),
-                tile(128, 64, 8, 8, 3, TMA=True, ONE_DOT=True, GLUON=True),
-                tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True, GLUON=True),
-                tile(128, 64, 8, 8, 3, TMA=True, ONE_DOT=True, HALF_TILES=True),
-                tile(128, 64, 8, 8, 4, TMA=True, ONE_DOT=True, HALF_TILES=True)]
-    return [tile(256, 64, 8, 8, 3), tile(256, 64, 8, 8, 4),
-            tile(256, 64, 8, 8, 3, TMA=True), tile(256, 64, 8, 8, 4, TMA=True), tile(256, 64, 16, 8, 4, TMA=True),
-            tile(256, 64, 8, 8, 4, TMA=True, PROGRAMS_PER_SM=0), tile(128, 64, 8, 8, 4, TMA=True),
-            tile(128, 128, 8, 8, 3, TMA=True), tile(256, 64, 8, 8, 3, TMA=True, WARP_SPECIALIZE=True),
-            tile(256, 64, 8, 8, 3, TMA=True, HALF_TILES=True), tile(256, 64, 8, 8, 4, TMA=True, HALF_TILES=True),
-            tile(256, 64, 8, 8, 3, TMA=True, GLUON=True, SORTED_Y=True)]
+        if gemm_name == "gate_up":
+            return [gemm("pointer", 128, 64, 8, 4, 4), gemm("pointer", 128, 64, 8, 8, 4),
+                    gemm("pointer", 64, 128, 8, 4, 3), gemm("pointer", 64, 64, 8, 4, 5),
+                    gemm("tma", 128, 64, 8, 4, 4), gemm("tma", 128, 64, 8, 8, 4), gemm("gluon", 128, 64, 8, 4, 4)]
+        return [gemm("pointer", 128, 64, 8, 4, 4), gemm("pointer", 256, 64, 8, 8, 4),
+                gemm("pointer", 128, 128, 8, 4, 3), gemm("pointer", 256, 64, 8, 8, 3),
+                gemm("pointer", 128, 64, 8, 4, 4, programs_per_sm=2),
+                gemm("tma", 256, 64, 8, 8, 4), gemm("tma", 128, 64, 8, 4, 4), gemm("gluon", 128, 64, 8, 4, 4)]
+    # block_m 128: 128 x 256 x 64 tiles (gate_up: 128 gate + 128 up columns), 3-4 stages.
+    if gemm_name == "gate_up":
+        return [gemm("pointer", 128, 64, 8, 8, 3), gemm("pointer", 128, 64, 8, 8, 4), gemm("tma", 128, 64, 8, 8, 3),
+                gemm("tma", 128, 64, 8, 8, 4), gemm("tma", 128, 64, 8, 8, 4, programs_per_sm=0),
+                gemm("gluon", 128, 64, 8, 8, 3), gemm("gluon", 128, 64, 8, 8, 4)]
+    # The gluon down writes sorted rows at 3 stages (its staging tile fits beside the ring), scatters at 4.
+    return [gemm("pointer", 256, 64, 8, 8, 3), gemm("pointer", 256, 64, 8, 8, 4), gemm("tma", 256, 64, 8, 8, 3),
+            gemm("tma", 256, 64, 8, 8, 4), gemm("tma", 256, 64, 16, 8, 4),
+            gemm("tma", 256, 64, 8, 8, 4, programs_per_sm=0), gemm("tma", 128, 64, 8, 8, 4),
+            gemm("tma", 128, 128, 8, 8, 3), gemm("gluon", 256, 64, 8, 8, 3), gemm("gluon", 256, 64, 8, 8, 4)]
 
 
 def time_ms(fn) -> float:
@@ -103,40 +100,39 @@ def time_ms(fn) -> float:
         return float("inf")
 
 
-def tune_point(x, ids, weights, w13, w2, num_sms: int, verbose: bool, block_ms=None) -> tuple[dict, float]:
-    """Best {BLOCK_M, gate_up, down} for one routing, and its gate_up + down time in ms."""
+def tune_point(x, ids, weights, w13, w2, num_sms: int, verbose: bool, block_ms=None) -> tuple[MoEConfig, float]:
+    """Best config for one routing, and its gate_up + down time in ms."""
     best, best_ms = None, float("inf")
     top_k = ids.shape[1]
     for block_m in block_ms or block_m_candidates(x.shape[0]):
         align = align_pairs_to_blocks(ids, w13.shape[0], block_m)
         chosen = {}
         total = 0.0
-        for gemm in ("gate_up", "down"):
+        for gemm_name in ("gate_up", "down"):
             timings = []
-            for cfg in tile_candidates(block_m, gemm):
-                if gemm == "gate_up":
+            for cfg in tile_candidates(block_m, gemm_name):
+                if gemm_name == "gate_up":
                     ms = time_ms(lambda c=cfg: gate_up_swiglu(x, w13, align, top_k, c, num_sms))
                 else:
                     ms = time_ms(lambda c=cfg: down_unpermute(h, w2, weights, align, c, num_sms))
                 timings.append((ms, cfg))
                 if verbose:
-                    print(f"    BLOCK_M {block_m} {gemm} {cfg}: {ms:.3f} ms", flush=True)
+                    print(f"    block_m {block_m} {gemm_name} {cfg}: {ms:.3f} ms", flush=True)
             ms, cfg = min(timings, key=lambda t: t[0])
-            chosen[gemm] = cfg
+            chosen[gemm_name] = cfg
             total += ms
-            if gemm == "gate_up":
+            if gemm_name == "gate_up":
                 h = gate_up_swiglu(x, w13, align, top_k, cfg, num_sms)
         if total < best_ms:
-            best, best_ms = {"BLOCK_M": block_m, **chosen}, total
+            best, best_ms = MoEConfig(block_m, **chosen), total
     return best, best_ms
 
 
-REFINEMENTS = {  # tried one at a time on top of the current config, down first
-    "down": [{"num_stages": 4}, {"GROUP_M": 4}, {"GROUP_M": 16}, {"FLATTEN": True},
-             {"FLATTEN": True, "num_stages": 4}, {"GLUON": True, "SORTED_Y": True, "num_stages": 3}],
-    "gate_up": [{"num_stages": 4}, {"GROUP_M": 4}, {"GROUP_M": 16}, {"HALF_TILES": True}, {"TMA_STORE": True},
-                {"FLATTEN": True}, {"ONE_DOT": True}, {"GLUON": True, "num_stages": 3},
-                {"GLUON": True, "num_stages": 4}],
+REFINEMENTS = {  # GemmConfig fields, changed one set at a time on top of the current config, down first
+    "down": [{"num_stages": 3}, {"num_stages": 4}, {"group_m": 4}, {"group_m": 16}, {"kernel": "tma"},
+             {"kernel": "gluon", "num_stages": 3}],
+    "gate_up": [{"num_stages": 3}, {"num_stages": 4}, {"group_m": 4}, {"group_m": 16}, {"kernel": "tma"},
+                {"kernel": "gluon", "num_stages": 3}, {"kernel": "gluon", "num_stages": 4}],
 }
 
 
@@ -146,7 +142,8 @@ def _gains(fns: dict, rounds: int) -> dict:
     return {name: paired_ratio(times, name, "current") for name in fns}
 
 
-def refine_point(x, ids, weights, w13, w2, config: dict, rounds: int, min_gain: float, verbose: bool) -> dict:
+def refine_point(x, ids, weights, w13, w2, config: MoEConfig, rounds: int, min_gain: float,
+                 verbose: bool) -> MoEConfig:
     """config with the changes that made the whole path faster by more than min_gain: per GEMM, every candidate
     is screened against the current config in one interleaved A/B, and the best one is kept only if a second,
     two-way A/B against the current config confirms the gain (the best of several noisy screens is biased
@@ -154,7 +151,12 @@ def refine_point(x, ids, weights, w13, w2, config: dict, rounds: int, min_gain: 
     for gemm, options in REFINEMENTS.items():
         candidates = {"current": config}
         for extra in options:
-            candidate = {**config, gemm: {**config[gemm], **extra}}
+            try:
+                candidate = dataclasses.replace(config, **{gemm: dataclasses.replace(getattr(config, gemm), **extra)})
+            except ValueError as exc:  # a change this block_m or tile cannot take (e.g. gluon at 4 warps per 128 rows)
+                if verbose:
+                    print(f"    {gemm} {extra}: not a valid config: {exc}", flush=True)
+                continue
             if candidate != config:  # a change the config has already is not a candidate
                 candidates[json.dumps(extra)] = candidate
         fns = {}
@@ -188,9 +190,9 @@ def main():
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--verbose", action="store_true", help="print every candidate's time")
-    p.add_argument("--block-m", type=int, nargs="+", default=None, help="only these BLOCK_M (default: by M)")
+    p.add_argument("--block-m", type=int, nargs="+", default=None, help="only these block_m (default: by M)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--refine", action="store_true", help="refine the existing files' flags (see above)")
+    p.add_argument("--refine", action="store_true", help="refine the existing files' entries (see above)")
     p.add_argument("--rounds", type=int, default=6, help="--refine: interleaved rounds per comparison")
     p.add_argument("--min-gain", type=float, default=0.015, help="--refine: speedup a change must pass, twice")
     args = p.parse_args()
@@ -201,31 +203,32 @@ def main():
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     generator = torch.Generator("cuda").manual_seed(args.seed)
     H, I = args.hidden, args.intermediate
+    print(json.dumps(run_meta()), flush=True)  # the run's date and versions go to its log, not to the files
     for num_local in args.experts:
         w13, w2 = expert_weights(num_local, H, I, torch.bfloat16, "cuda", generator)
         path = args.out_dir / config_file_name(num_local, I, device_name)
-        meta = {**run_meta(), "routing": "64 global experts, top-8, this rank's E local ones (others -1)"}
-        table = {"_meta": meta}
+        table = {}
         if args.refine:
             start = path if path.exists() else CONFIG_DIR / path.name
             if not start.exists():
                 sys.exit(f"--refine: no {path.name} in {args.out_dir} or {CONFIG_DIR}: run the tile sweep first.")
-            table = json.loads(start.read_text())
-            table[f"_refined_{meta['date']}"] = meta
+            table = dict(load_config_file(start))
         for m in args.tokens:
             x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=generator)
             ids, weights = ep_routing(m, num_local, args.top_k, "cuda", generator)
             flops = 2 * 3 * H * I * int((ids >= 0).sum())
             if args.refine:
-                if str(m) not in table:
+                if m not in table:
                     sys.exit(f"--refine: {start.name} has no entry for M={m}.")
-                cfg = refine_point(x, ids, weights, w13, w2, table[str(m)], args.rounds, args.min_gain, args.verbose)
+                cfg = refine_point(x, ids, weights, w13, w2, table[m], args.rounds, args.min_gain, args.verbose)
                 print(f"E={num_local} M={m}: {cfg}", flush=True)
             else:
                 cfg, ms = tune_point(x, ids, weights, w13, w2, num_sms, args.verbose, args.block_m)
                 print(f"E={num_local} M={m}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s GEMMs only) {cfg}", flush=True)
-            table[str(m)] = cfg
-        path.write_text(json.dumps(table, indent=1) + "\n")
+            table[m] = cfg
+        meta = {"device": device_name, "written_by": "benchmarks/tune_moe.py" + (" --refine" if args.refine else "")}
+        path.write_text(json.dumps({"_meta": meta, **{str(m): c.to_dict() for m, c in sorted(table.items())}},
+                                   indent=1) + "\n")
         print(f"wrote {path}", flush=True)
         del w13, w2
         torch.cuda.empty_cache()

@@ -1,13 +1,15 @@
-"""TritonExperts on CPU: the Triton kernels under TRITON_INTERPRET=1 against the torch reference (fp32, 1e-5),
-plus config selection and the shipped tuned files.
+"""TritonExperts on CPU: the pointer and tma kernels under TRITON_INTERPRET=1 against the torch reference
+(fp32, 1e-5), the alignment, gather and top-k sum kernels against torch, and the typed tile config with the
+shipped tuned files.
 
 triton.jit reads TRITON_INTERPRET when a kernel is defined, and other test modules import triton first, so
 the kernel cases run in a child process: this file run as a script with the variable set. It prints one
-JSON line per case; the tests below check them.
+JSON line per case; the tests below check them. The Gluon kernels do not run in the interpreter (tests/gpu/).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,9 +21,13 @@ import torch
 
 from omni_ep.layers.fused_moe.experts.triton_configs import (
     CONFIG_DIR,
+    GemmConfig,
+    MoEConfig,
     config_file_name,
     default_config,
     device_family,
+    fit_fp32,
+    load_config_file,
     moe_config,
 )
 
@@ -29,35 +35,19 @@ REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 
 
-def _tile(block_n, block_k, group_m=1, **extra):
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m, "num_warps": 4, "num_stages": 2, **extra}
+def _tile(kernel, block_n, block_k, group_m=1, num_warps=4, programs_per_sm=1):
+    return GemmConfig(kernel, block_n, block_k, group_m, num_warps, num_stages=2, programs_per_sm=programs_per_sm)
 
 
-SMALL_TILES = {"BLOCK_M": 16, "gate_up": _tile(16, 32, 2), "down": _tile(32, 16)}
-ONE_DOT_PLAIN_GRID = {"BLOCK_M": 32, "gate_up": _tile(16, 16, 1, ONE_DOT=True, PROGRAMS_PER_SM=0),
-                      "down": _tile(16, 32, 2, PROGRAMS_PER_SM=0)}
-# Tensor-descriptor (TMA) loads; the odd-size case below makes the last N block read past the gate rows and the
-# K blocks run past H, which the descriptors must fill with zeros.
-TMA_TILES = {"BLOCK_M": 16, "gate_up": _tile(16, 32, 2, TMA=True), "down": _tile(32, 16, TMA=True)}
-TMA_SORTED_X = {"BLOCK_M": 16, "gate_up": _tile(32, 16, 2, TMA=True, SORTED_X=True, WARP_SPECIALIZE=True),
-                "down": _tile(16, 32, 1, TMA=True, WARP_SPECIALIZE=True, PROGRAMS_PER_SM=0)}
-# The down GEMM writes its tiles in sorted row order by TMA stores; the top-k sum gathers them (the un-permute).
-TMA_SORTED_Y = {"BLOCK_M": 16, "gate_up": TMA_SORTED_X["gate_up"], "down": _tile(32, 16, 2, TMA=True, SORTED_Y=True)}
-# Half tiles: a row block whose second half is all padding is multiplied as a BLOCK_M/2 tile.
-HALF_TILES = {"BLOCK_M": 32, "gate_up": _tile(16, 16, 2, HALF_TILES=True),
-              "down": _tile(32, 16, 1, HALF_TILES=True)}
-HALF_TILES_TMA_ONE_DOT = {"BLOCK_M": 32, "gate_up": _tile(16, 32, 2, TMA=True, ONE_DOT=True, HALF_TILES=True),
-                          "down": _tile(16, 32, 2, TMA=True, HALF_TILES=True)}
-TMA_ONE_DOT = {"BLOCK_M": 32, "gate_up": _tile(16, 16, 2, TMA=True, ONE_DOT=True, SORTED_X=True),
-               "down": _tile(32, 32, 2, TMA=True)}
-# h written by a TMA store (the odd-size case clips its last N block at I); the loops flattened (a compiler
-# hint: the interpreter runs them as written, the GPU check runs the compiled form).
-TMA_STORE_FLATTEN = {"BLOCK_M": 32, "gate_up": _tile(16, 32, 2, TMA=True, ONE_DOT=True, TMA_STORE=True, FLATTEN=True),
-                     "down": _tile(32, 16, 2, TMA=True, FLATTEN=True)}
-
-# GLUON flags name the Hopper-only Gluon kernels: off CUDA both GEMMs must fall back to these Triton kernels.
-GLUON_FLAGS = {"BLOCK_M": 16, "gate_up": _tile(16, 16, 2, TMA=True, ONE_DOT=True, SORTED_X=True, GLUON=True),
-               "down": _tile(32, 16, 2, TMA=True, SORTED_Y=True, GLUON=True)}
+POINTER = MoEConfig(16, _tile("pointer", 16, 32, 2), _tile("pointer", 32, 16))
+POINTER_PLAIN_GRID = MoEConfig(32, _tile("pointer", 16, 16, programs_per_sm=0),
+                               _tile("pointer", 16, 32, 2, programs_per_sm=0))
+# Tensor-descriptor (TMA) loads; the odd-size case makes the last N block read past I (gate_up's [2E, I, H] view
+# and down's [E*H, I] view) and the K blocks run past H, which the descriptors must fill with zeros.
+TMA = MoEConfig(16, _tile("tma", 16, 32, 2), _tile("tma", 32, 16))
+TMA_TWO_PER_SM = MoEConfig(32, _tile("tma", 32, 16, 2, programs_per_sm=2), _tile("tma", 16, 32, programs_per_sm=2))
+# The Gluon kernels run on Hopper GPUs only: here both GEMMs fall back to the tma kernels with the same tiles.
+GLUON = MoEConfig(64, _tile("gluon", 16, 16, 2), _tile("gluon", 32, 16, 2))
 
 # ----------------------------------------------------------------------------------------------------------
 # Child process: the kernel cases (run only with TRITON_INTERPRET=1).
@@ -73,44 +63,52 @@ def _weights(E, H, I, gen):
     return torch.randn(E, 2 * I, H, generator=gen) / H**0.5, torch.randn(E, H, I, generator=gen) / I**0.5
 
 
-def _compare(out, x, ids, w, w13, w2):
+def _run(config, x, ids, w, w13, w2, ref_ids=None):
+    """The Triton experts' output against the torch reference's (ref_ids: the ids the reference sees)."""
     from omni_ep.layers.fused_moe.experts.torch_experts import TorchExperts
+    from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
 
-    ref = TorchExperts().apply(x, ids, w, w13, w2)
+    out = TritonExperts(config).apply(x, ids, w, w13, w2)
+    ref = TorchExperts().apply(x, ids if ref_ids is None else ref_ids, w, w13, w2)
     err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     return {"rel_err": err, "finite": bool(torch.isfinite(out).all()), "shape_ok": out.shape == ref.shape}
 
 
-def _case_uniform(gen, config=SMALL_TILES):
+def _case_uniform(gen, config):
     M, K, E, H, I = 37, 4, 6, 64, 48
     x = torch.randn(M, H, generator=gen)
     w13, w2 = _weights(E, H, I, gen)
     ids, w = _routing(M, K, E, gen)
-    from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
-
-    return _compare(TritonExperts(config).apply(x, ids, w, w13, w2), x, ids, w, w13, w2)
+    return _run(config, x, ids, w, w13, w2)
 
 
-def _case_skewed_empty_experts(gen, config=ONE_DOT_PLAIN_GRID):
+def _case_skewed_empty_experts(gen, config):
     M, K, E, H, I = 50, 3, 8, 32, 32
     x = torch.randn(M, H, generator=gen)
     w13, w2 = _weights(E, H, I, gen)
     ids, w = _routing(M, K, E, gen, local_fraction=1.0)
     ids[:, 0] = 0  # expert 0 gets every token
     ids = torch.where((ids == 3) | (ids == 4), -1, ids)  # experts 3 and 4 get none
-    from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
+    return _run(config, x, ids, w, w13, w2)
 
-    return _compare(TritonExperts(config).apply(x, ids, w, w13, w2), x, ids, w, w13, w2)
+
+def _case_odd_sizes_strided(gen, config):
+    """H = 40, I = 24 (not tile multiples: masked or zero-filled K steps, wrapped or zero-filled N blocks), int64
+    ids, x a row-strided view."""
+    M, K, E, H, I = 29, 3, 5, 40, 24
+    x = torch.randn(M, H + 8, generator=gen)[:, :H]
+    w13, w2 = _weights(E, H, I, gen)
+    ids, w = _routing(M, K, E, gen)
+    return _run(config, x, ids.long(), w, w13, w2)
 
 
 def _case_no_local_slot(gen):
     M, K, E, H, I = 9, 2, 4, 32, 16
     x = torch.randn(M, H, generator=gen)
     w13, w2 = _weights(E, H, I, gen)
-    ids, w = torch.full((M, K), -1), torch.rand(M, K, generator=gen)
     from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
 
-    out = TritonExperts(SMALL_TILES).apply(x, ids, w, w13, w2)
+    out = TritonExperts(POINTER).apply(x, torch.full((M, K), -1), torch.rand(M, K, generator=gen), w13, w2)
     return {"all_zero": bool((out == 0).all()), "shape_ok": out.shape == (M, H)}
 
 
@@ -118,10 +116,7 @@ def _case_one_token(gen):
     M, K, E, H, I = 1, 4, 8, 32, 32
     x = torch.randn(M, H, generator=gen)
     w13, w2 = _weights(E, H, I, gen)
-    ids, w = torch.tensor([[5, -1, 2, 7]]), torch.rand(M, K, generator=gen)
-    from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
-
-    return _compare(TritonExperts(SMALL_TILES).apply(x, ids, w, w13, w2), x, ids, w, w13, w2)
+    return _run(POINTER, x, torch.tensor([[5, -1, 2, 7]]), torch.rand(M, K, generator=gen), w13, w2)
 
 
 def _case_zero_tokens(gen):
@@ -129,49 +124,9 @@ def _case_zero_tokens(gen):
     w13, w2 = _weights(E, H, I, gen)
     from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
 
-    out = TritonExperts(SMALL_TILES).apply(torch.randn(0, H), torch.zeros(0, 2, dtype=torch.long),
-                                           torch.zeros(0, 2), w13, w2)
+    out = TritonExperts(POINTER).apply(torch.randn(0, H), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2),
+                                       w13, w2)
     return {"shape_ok": out.shape == (0, H)}
-
-
-def _case_odd_sizes_strided_default_config(gen):
-    """H, I not multiples of the tiles (masked K, wrapped N), int64 ids, x a row-strided view, config=None."""
-    M, K, E, H, I = 23, 3, 5, 40, 24
-    x = torch.randn(M, H + 8, generator=gen)[:, :H]
-    w13, w2 = _weights(E, H, I, gen)
-    ids, w = _routing(M, K, E, gen)
-    from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
-
-    return _compare(TritonExperts().apply(x, ids.long(), w, w13, w2), x, ids, w, w13, w2)
-
-
-def _case_odd_sizes_tma(gen, config):
-    """H = 40 and I = 24 (not tile multiples): TMA reads past the tile edges; x a row-strided view."""
-    M, K, E, H, I = 29, 3, 5, 40, 24
-    x = torch.randn(M, H + 8, generator=gen)[:, :H]
-    w13, w2 = _weights(E, H, I, gen)
-    ids, w = _routing(M, K, E, gen)
-    from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
-
-    return _compare(TritonExperts(config).apply(x, ids, w, w13, w2), x, ids, w, w13, w2)
-
-
-def _case_half_tiles(gen, config):
-    """Expert loads 10, 16, 20, 40, 0, 33 rows at BLOCK_M 32: tails in the first half (10, 16, 40 -> 8) take
-    the half-tile path, the others the full one; H = 40 also makes TMA K steps run past the end."""
-    counts = [10, 16, 20, 40, 0, 33]
-    E, K, H, I = len(counts), 2, 40, 32
-    slots = torch.cat([torch.full((n,), e) for e, n in enumerate(counts)])
-    slots = slots[torch.randperm(slots.numel(), generator=gen)]
-    M = slots.numel()  # one local slot per token, the other slot non-local
-    ids = torch.stack([slots, torch.full((M,), -1)], 1)
-    ids = torch.where(torch.rand(M, generator=gen)[:, None] < 0.5, ids, ids.flip(1))
-    x = torch.randn(M, H, generator=gen)
-    w13, w2 = _weights(E, H, I, gen)
-    w = torch.rand(M, K, generator=gen)
-    from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
-
-    return _compare(TritonExperts(config).apply(x, ids, w, w13, w2), x, ids, w, w13, w2)
 
 
 def _case_out_of_range_ids_are_not_local(gen):
@@ -180,16 +135,12 @@ def _case_out_of_range_ids_are_not_local(gen):
     w13, w2 = _weights(E, H, I, gen)
     ids, w = _routing(M, K, E, gen)
     ids[::3, 1] = E + 2
-    from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
-
-    out = TritonExperts(SMALL_TILES).apply(x, ids, w, w13, w2)
-    return _compare(out, x, torch.where(ids < E, ids, -1), w, w13, w2)
+    return _run(POINTER, x, ids, w, w13, w2, ref_ids=torch.where(ids < E, ids, -1))
 
 
 def _case_alignment_layout(gen):
     """Every local pair once, inside its expert's padded block range; padding rows hold the sentinel P;
-    row_of_pair inverts sorted_pair.
-    2400 pairs: several programs of the counting and placing kernels."""
+    row_of_pair inverts sorted_pair. 2400 pairs: several programs of the counting and placing kernels."""
     from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks
 
     M, K, E, block_m = 600, 4, 6, 16
@@ -215,6 +166,32 @@ def _case_alignment_layout(gen):
     return {"layout_ok": bool(ok)}
 
 
+def _case_sorted_rows_and_gathering_topk_sum(gen):
+    """gather_sorted_rows (the Gluon gate_up's A operand) puts each pair's token row at its sorted row; the top-k
+    sum reading y [R, H] through row_of_pair (the Gluon down kernel's sorted output) sums each token's slots."""
+    from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks
+    from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gather_sorted_rows
+    from omni_ep.layers.fused_moe.experts.triton_kernels.topk_sum import topk_sum
+
+    M, K, E, H = 40, 3, 5, 700  # H over one 512-column program of the copy
+    x = torch.randn(M, H, generator=gen)
+    ids, _ = _routing(M, K, E, gen)
+    a = align_pairs_to_blocks(ids, E, 16)
+    x_sorted = gather_sorted_rows(x, a, K)
+    used = int(a.num_padded_rows.item())
+    pairs = a.sorted_pair_R[:used].long()
+    real = pairs < M * K
+    rows_ok = torch.equal(x_sorted[:used][real], x[pairs[real] // K])
+    y = torch.randn(a.sorted_pair_R.numel(), H, generator=gen)
+    out = topk_sum(y, ids, E, a.row_of_pair_P)
+    local = (ids >= 0).reshape(-1)
+    ref = torch.zeros(M * K, H)
+    ref[local] = y[a.row_of_pair_P[local].long()]
+    err = ((out - ref.view(M, K, H).sum(1)).norm() / ref.norm()).item()
+    return {"layout_ok": rows_ok, "rel_err": err, "finite": bool(torch.isfinite(out).all()),
+            "shape_ok": out.shape == (M, H)}
+
+
 def _case_bad_shapes_raise(gen):
     from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
 
@@ -227,29 +204,19 @@ def _case_bad_shapes_raise(gen):
 
 
 CASES = {
-    "uniform_ep_slots": _case_uniform,
-    "uniform_one_dot_plain_grid": lambda g: _case_uniform(g, ONE_DOT_PLAIN_GRID),
-    "uniform_tma": lambda g: _case_uniform(g, TMA_TILES),
-    "uniform_tma_sorted_x": lambda g: _case_uniform(g, TMA_SORTED_X),
-    "odd_sizes_tma": lambda g: _case_odd_sizes_tma(g, TMA_TILES),
-    "odd_sizes_tma_sorted_x": lambda g: _case_odd_sizes_tma(g, TMA_SORTED_X),
-    "odd_sizes_tma_one_dot": lambda g: _case_odd_sizes_tma(g, TMA_ONE_DOT),
-    "uniform_tma_sorted_y": lambda g: _case_uniform(g, TMA_SORTED_Y),
-    "odd_sizes_tma_sorted_y": lambda g: _case_odd_sizes_tma(g, TMA_SORTED_Y),
-    "skewed_empty_experts_sorted_y": lambda g: _case_skewed_empty_experts(g, TMA_SORTED_Y),
-    "uniform_tma_store_flatten": lambda g: _case_uniform(g, TMA_STORE_FLATTEN),
-    "uniform_gluon_flags_fall_back": lambda g: _case_uniform(g, GLUON_FLAGS),
-    "odd_sizes_tma_store_flatten": lambda g: _case_odd_sizes_tma(g, TMA_STORE_FLATTEN),
-    "half_tiles": lambda g: _case_half_tiles(g, HALF_TILES),
-    "half_tiles_tma_one_dot": lambda g: _case_half_tiles(g, HALF_TILES_TMA_ONE_DOT),
-    "uniform_half_tiles": lambda g: _case_uniform(g, HALF_TILES),
-    "skewed_empty_experts": _case_skewed_empty_experts,
+    "pointer_uniform": lambda g: _case_uniform(g, POINTER),
+    "pointer_plain_grid_skewed_empty_experts": lambda g: _case_skewed_empty_experts(g, POINTER_PLAIN_GRID),
+    "pointer_odd_sizes_strided_default_config": lambda g: _case_odd_sizes_strided(g, None),
+    "tma_uniform": lambda g: _case_uniform(g, TMA),
+    "tma_odd_sizes_strided": lambda g: _case_odd_sizes_strided(g, TMA),
+    "tma_two_programs_per_sm_skewed_empty_experts": lambda g: _case_skewed_empty_experts(g, TMA_TWO_PER_SM),
+    "gluon_falls_back_to_tma_odd_sizes": lambda g: _case_odd_sizes_strided(g, GLUON),
     "no_local_slot": _case_no_local_slot,
     "one_token": _case_one_token,
     "zero_tokens": _case_zero_tokens,
-    "odd_sizes_strided_default_config": _case_odd_sizes_strided_default_config,
     "out_of_range_ids_are_not_local": _case_out_of_range_ids_are_not_local,
     "alignment_layout": _case_alignment_layout,
+    "sorted_rows_and_gathering_topk_sum": _case_sorted_rows_and_gathering_topk_sum,
     "bad_shapes_raise": _case_bad_shapes_raise,
 }
 
@@ -306,8 +273,101 @@ def test_unsupported_reason():
         assert "TRITON_INTERPRET=1" in TritonExperts.unsupported_reason(torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.timeout(30)
+def test_kernel_choice_falls_back_where_a_kernel_cannot_run():
+    """Off Hopper (here: CPU tensors) gluon runs the tma kernel; where the copy engine cannot read the weights
+    (a non-contiguous view) tma runs the pointer kernel; pointer stays pointer."""
+    from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import down_kernel
+    from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gate_up_kernel
+
+    x, h = torch.randn(8, 64), torch.randn(128, 48)
+    w13, w2 = torch.randn(2, 96, 64), torch.randn(2, 64, 48)
+    w13_strided, w2_strided = torch.randn(2, 96, 128)[:, :, :64], torch.randn(2, 64, 96)[:, :, :48]
+    assert gate_up_kernel(x, w13, GLUON.block_m, GLUON.gate_up) == "tma"
+    assert gate_up_kernel(x, w13, TMA.block_m, TMA.gate_up) == "tma"
+    assert gate_up_kernel(x, w13_strided, GLUON.block_m, GLUON.gate_up) == "pointer"
+    assert gate_up_kernel(x, w13, POINTER.block_m, POINTER.gate_up) == "pointer"
+    assert down_kernel(h, w2, GLUON.block_m, GLUON.down) == ("tma", False)
+    assert down_kernel(h, w2_strided, TMA.block_m, TMA.down) == ("pointer", False)
+    assert down_kernel(h, w2, POINTER.block_m, POINTER.down) == ("pointer", False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The typed config and the tuned files.
+
+GOOD = {"block_m": 128,
+        "gate_up": {"kernel": "gluon", "block_n": 128, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 3},
+        "down": {"kernel": "tma", "block_n": 256, "block_k": 64, "group_m": 8, "num_warps": 8, "num_stages": 4,
+                 "programs_per_sm": 0}}
+
+
+def _with(gemm: str | None, **changes) -> dict:
+    """GOOD with keys changed (a value None removes the key), at the top level or in one GEMM."""
+    data = json.loads(json.dumps(GOOD))
+    target = data if gemm is None else data[gemm]
+    for key, value in changes.items():
+        if value is None:
+            del target[key]
+        else:
+            target[key] = value
+    return data
+
+
+@pytest.mark.timeout(30)
+def test_config_round_trips_through_dict():
+    config = MoEConfig.from_dict(GOOD)
+    assert config.gate_up == GemmConfig("gluon", 128, 64, 8, 8, 3) and config.down.programs_per_sm == 0
+    assert MoEConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["gate_up"]["programs_per_sm"] == 1  # the default is written out
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.block_m = 64
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("data, message", [
+    (_with("gate_up", BLOCK_N=128), "gate_up: unknown key 'BLOCK_N'"),
+    (_with("down", programs_per_SM=2), "down: unknown key 'programs_per_SM'"),
+    (_with(None, BLOCK_M=128), "config: unknown key 'BLOCK_M'"),
+    (_with("down", num_stages=None), "down: missing key 'num_stages'"),
+    (_with("gate_up", kernel="triton"), "gate_up.kernel: unknown kernel 'triton'"),
+    (_with("down", block_n=96), "down.block_n: 96 is not a power of two"),
+    (_with("down", block_k=8), "down.block_k: 8 is below 16"),
+    (_with("gate_up", num_stages=0), "gate_up.num_stages: 0 is below 1"),
+    (_with("gate_up", num_stages=1), "gate_up.num_stages: the gluon kernel's ring needs at least 2 stages"),
+    (_with("gate_up", group_m=True), "gate_up.group_m: True is not an integer"),
+    (_with("down", programs_per_sm=-1), "down.programs_per_sm: -1 is below 0"),
+    (_with("gate_up", num_warps=2), "gate_up.num_warps: the gluon kernel runs whole warpgroups"),
+    (_with(None, block_m=64), "gate_up.kernel gluon: block_m 64 must be 16 rows per warp"),
+    (_with(None, block_m=96), "block_m: 96 is not a power of two"),
+    (_with("gate_up", block_n=256), "gate_up.block_n: the gluon kernel's MMA is 512 columns wide"),
+])
+def test_config_rejects_unknown_keys_and_impossible_values(data, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        MoEConfig.from_dict(data)
+
+
+@pytest.mark.timeout(30)
+def test_triton_experts_takes_a_dict_through_the_typed_config():
+    from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
+
+    assert TritonExperts(GOOD).config == MoEConfig.from_dict(GOOD)
+    with pytest.raises(ValueError, match="gate_up: unknown key 'TMA'"):
+        TritonExperts(_with("gate_up", TMA=True))
+
+
+@pytest.mark.timeout(30)
+def test_fp32_fit_and_default_config():
+    fit = fit_fp32(MoEConfig.from_dict(GOOD))
+    assert (fit.gate_up.block_k, fit.gate_up.num_stages, fit.down.block_k, fit.down.num_stages) == (32, 3, 32, 3)
+    assert fit.gate_up.kernel == "gluon" and fit.down.programs_per_sm == 0 and fit.block_m == 128
+    for tokens, block_m in ((1, 16), (200, 64), (5000, 128)):
+        config = default_config(tokens)
+        assert config.block_m == block_m
+        assert config.gate_up.kernel == config.down.kernel == "pointer"
+
+
 def _write_table(path: Path, table: dict):
-    path.write_text(json.dumps({"_meta": {"device": "test"}, **{str(m): c for m, c in table.items()}}))
+    path.write_text(json.dumps({"_meta": {"device": "test"}, **{str(m): c.to_dict() for m, c in table.items()}}))
 
 
 @pytest.mark.timeout(30)
@@ -325,17 +385,26 @@ def test_config_picks_device_then_family_then_nearest_tokens(tmp_path):
 
 
 @pytest.mark.timeout(30)
+def test_config_file_errors_name_the_file_and_entry(tmp_path):
+    notes = tmp_path / "E8_N64_notes.json"
+    notes.write_text(json.dumps({"_meta": {}, "_notes_2026": "history", "64": GOOD}))
+    with pytest.raises(ValueError, match="E8_N64_notes.json: unknown key '_notes_2026'"):
+        load_config_file(notes)
+    typo = tmp_path / "E8_N64_typo.json"
+    typo.write_text(json.dumps({"64": GOOD, "4096": _with("down", BLOCK_K=64)}))
+    with pytest.raises(ValueError, match="E8_N64_typo.json, entry 4096: down: unknown key 'BLOCK_K'"):
+        load_config_file(typo)
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("device", ["NVIDIA H100 80GB HBM3", "NVIDIA H200"])
 @pytest.mark.parametrize("experts", [64, 32, 16, 8])
-def test_shipped_configs_cover_hunyuan_shapes(device, experts):
+def test_shipped_configs_load_and_cover_hunyuan_shapes(device, experts):
     path = CONFIG_DIR / config_file_name(experts, 3072, device)
     assert path.exists(), f"missing tuned file {path.name}"
-    table = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-    assert min(map(int, table)) <= 64 and max(map(int, table)) >= 16384
-    for cfg in table.values():
-        assert cfg["BLOCK_M"] in (16, 32, 64, 128)
-        for gemm in ("gate_up", "down"):
-            assert {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} <= set(cfg[gemm])
+    table = load_config_file(path)
+    assert min(table) <= 64 and max(table) >= 16384
+    assert set(json.loads(path.read_text())) - {str(m) for m in table} == {"_meta"}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Local-expert compute in Triton: align pairs to blocks, gate_up GEMM + SwiGLU, down GEMM + weight +
-un-permute (in its stores, or with SORTED_Y in the top-k sum's loads), top-k sum. No host sync anywhere: safe
-for CUDA graphs and overlapped communication.
+un-permute (in its stores, or, where down writes expert-sorted rows, in the top-k sum's loads), top-k sum. No
+host sync anywhere: safe for CUDA graphs and overlapped communication.
 
 Shape legend: M tokens, K top-k slots, P = M*K pairs, H hidden, I intermediate, E local experts,
 R padded expert-sorted rows.
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from omni_ep.layers.fused_moe.experts.base import LocalExperts
-from omni_ep.layers.fused_moe.experts.triton_configs import moe_config
+from omni_ep.layers.fused_moe.experts.triton_configs import MoEConfig, fit_fp32, moe_config
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -24,28 +24,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _fit_fp32(config: dict) -> dict:
-    """fp32 tiles take twice the shared memory of bf16 ones: shorten K blocks and the pipeline."""
-    fit = {"BLOCK_M": config["BLOCK_M"]}
-    for gemm in ("gate_up", "down"):
-        c = dict(config[gemm])
-        c["BLOCK_K"] = min(c["BLOCK_K"], 32)
-        c["num_stages"] = min(c["num_stages"], 3)
-        fit[gemm] = c
-    return fit
-
-
 class TritonExperts(LocalExperts):
     """Fused-MoE local experts in Triton; tile sizes from the tuned JSON files (see triton_configs.py).
 
-    config: a fixed tile configuration (the tuner and tests use it); None picks one per call by device
-    name, E, I and M from config_dir (default: the package's configs/).
+    config: a fixed tile configuration (the tuner and tests use it; a dict goes through MoEConfig.from_dict);
+    None picks one per call by device name, E, I and M from config_dir (default: the package's configs/).
     """
 
     name = "triton"
 
-    def __init__(self, config: dict | None = None, config_dir: Path | None = None):
-        self.config = config
+    def __init__(self, config: MoEConfig | dict | None = None, config_dir: Path | None = None):
+        self.config = MoEConfig.from_dict(config) if isinstance(config, dict) else config
         self.config_dir = config_dir
 
     @classmethod
@@ -63,7 +52,7 @@ class TritonExperts(LocalExperts):
             return "the Triton experts run on CPU only under TRITON_INTERPRET=1 (set before importing triton)."
         return f"the Triton experts run on CUDA devices, not {device.type}."
 
-    def config_for(self, hidden_states: torch.Tensor, num_experts: int, intermediate_size: int) -> dict:
+    def config_for(self, hidden_states: torch.Tensor, num_experts: int, intermediate_size: int) -> MoEConfig:
         """The tile configuration apply() uses for these activations [M, H] and expert shapes."""
         config = self.config
         if config is None:
@@ -71,7 +60,7 @@ class TritonExperts(LocalExperts):
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
             config = moe_config(num_experts, intermediate_size, hidden_states.shape[0], name, self.config_dir)
         if hidden_states.dtype == torch.float32 and hidden_states.device.type == "cuda":
-            config = _fit_fp32(config)
+            config = fit_fp32(config)
         return config
 
     @staticmethod
@@ -107,7 +96,7 @@ class TritonExperts(LocalExperts):
         config = self.config_for(x_MH, E, I)
         K = topk_ids.shape[1]
         sms = self.num_sms(x_MH.device)
-        align = align_pairs_to_blocks(topk_ids, E, config["BLOCK_M"])
-        h_RI = gate_up_swiglu(x_MH, w13, align, K, config["gate_up"], sms)
-        y, row_of_pair_P = down_unpermute(h_RI, w2, topk_weights, align, config["down"], sms)
+        align = align_pairs_to_blocks(topk_ids, E, config.block_m)
+        h_RI = gate_up_swiglu(x_MH, w13, align, K, config.gate_up, sms)
+        y, row_of_pair_P = down_unpermute(h_RI, w2, topk_weights, align, config.down, sms)
         return topk_sum(y, topk_ids, E, row_of_pair_P)

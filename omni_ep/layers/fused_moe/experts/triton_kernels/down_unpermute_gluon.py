@@ -9,15 +9,12 @@ tile's run out: the next tile's first operands arrive during this tile's epilogu
 and this tile's pair ids and routing weights are read at the start of a tile, so no load waits in the loop.
 With SORTED_Y the tile goes to the sorted rows it was computed on: written once into a shared-memory staging
 tile, then by an asynchronous TMA store that is waited for only before the next tile's epilogue, so the copy
-engine writes it during the next tile's K loop.
-Measured against the Triton kernel with the same tiles: scattered stores at parity (H100, x0.996-1.037,
-`benchmarks/results/moe_h100_gluon.log`); with SORTED_Y the whole path gains x1.01-1.03 on the H100 and the
-H200 (`benchmarks/results/ab_sorted_y_h100.md`), where the Triton kernel's own TMA store gains nothing. The
-tuned files use it there. Its loads moved into a loader warp of their own (the ring of gluon_ring.py, as in
-gate_up_swiglu_gluon.py) measured x0.99-1.01 on the whole path (session 6) and were not kept.
+engine writes it during the next tile's K loop (one contiguous tile instead of BLOCK_M scattered rows; the
+top-k sum then reads each pair's row through align's row_of_pair). Without it, rows are scattered to the pairs'
+slots as in down_unpermute.py.
 
 Needs Triton with Gluon (3.6 or later) and a compute-capability-9 GPU; the caller checks (`gluon_fits`).
-Not run by CI: Gluon kernels do not run under TRITON_INTERPRET; `benchmarks/check_moe_gpu.py` checks it on a GPU.
+Gluon kernels do not run under TRITON_INTERPRET: tests/gpu/ checks this one on a GPU.
 
 Shape legend: P = M*K pairs, H hidden, I intermediate, E local experts, R padded sorted rows (see align.py).
 """
@@ -37,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from omni_ep.layers.fused_moe.experts.triton_configs import GemmConfig
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
 from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import ring_fits
 from omni_ep.layers.fused_moe.experts.triton_kernels.gluon_ring import program_tiles, tile_coords, tma_load, tma_store
@@ -134,28 +132,26 @@ def _down_unpermute_gluon_kernel(h_desc, w_desc, y_ptr, y_desc, topk_weights_ptr
         mbarrier.invalidate(ready.index(i))
 
 
-def gluon_fits(h_RI: torch.Tensor, block_m: int, config: dict, sorted_y: bool = False) -> bool:
-    """Whether this kernel runs the config: a Hopper GPU, 16-bit floats, BLOCK_M = 16 rows per warp in whole
-    warpgroups, BLOCK_N a multiple of 8 up to 256, at least STAGES - 1 K steps, and the operand ring (plus the
-    output staging tile with sorted_y) in shared memory."""
-    warps, stages, block_n, block_k = config["num_warps"], config["num_stages"], config["BLOCK_N"], config["BLOCK_K"]
+def gluon_fits(h_RI: torch.Tensor, block_m: int, config: GemmConfig, sorted_y: bool = False) -> bool:
+    """Whether this kernel runs the config (whose warps and width MoEConfig has checked) on these tensors: a
+    Hopper GPU, 16-bit floats, at least STAGES - 1 K steps, and the operand ring (plus the output staging tile
+    with sorted_y) in shared memory."""
     return (
         h_RI.device.type == "cuda"
         and torch.cuda.get_device_capability(h_RI.device)[0] == 9
         and h_RI.dtype in (torch.bfloat16, torch.float16)
-        and warps % 4 == 0 and block_m == 16 * warps
-        and block_n % 8 == 0 and block_n <= 256
-        and stages >= 2 and triton.cdiv(h_RI.shape[1], block_k) >= stages - 1
-        and ring_fits(block_m, block_n, block_k, stages, h_RI.element_size(), block_n if sorted_y else 0)
+        and triton.cdiv(h_RI.shape[1], config.block_k) >= config.num_stages - 1
+        and ring_fits(block_m, config.block_n, config.block_k, config.num_stages, h_RI.element_size(),
+                      config.block_n if sorted_y else 0)
     )
 
 
 def down_unpermute_gluon(h_RI: torch.Tensor, w2_EHI: torch.Tensor, weights_P: torch.Tensor, y: torch.Tensor,
-                         align: BlockAlignment, config: dict, programs: int, sorted_y: bool = False) -> None:
+                         align: BlockAlignment, config: GemmConfig, programs: int, sorted_y: bool = False) -> None:
     """Writes y from h [R, I], w2 [E, H, I] (contiguous), weights [P]: y [P, H] (rows of local pairs), or with
     sorted_y y [R, H] in h's row order (by TMA stores)."""
     E, H, I = w2_EHI.shape
-    block_m, block_n, block_k = align.block_m, config["BLOCK_N"], config["BLOCK_K"]
+    block_m, block_n, block_k = align.block_m, config.block_n, config.block_k
     dtype = gl.bfloat16 if h_RI.dtype == torch.bfloat16 else gl.float16
     h_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], dtype)
     w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], dtype)
@@ -168,5 +164,5 @@ def down_unpermute_gluon(h_RI: torch.Tensor, w2_EHI: torch.Tensor, weights_P: to
     _down_unpermute_gluon_kernel[(programs,)](
         h_desc, w_desc, y, y_desc, weights_P, align.sorted_pair_R, align.block_expert_B, align.num_padded_rows,
         align.num_pairs, H, I, y.stride(0),
-        GROUP_M=config["GROUP_M"], STAGES=config["num_stages"], SORTED_Y=sorted_y, num_warps=config["num_warps"],
+        GROUP_M=config.group_m, STAGES=config.num_stages, SORTED_Y=sorted_y, num_warps=config.num_warps,
     )

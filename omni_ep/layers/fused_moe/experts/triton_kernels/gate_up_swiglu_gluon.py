@@ -1,9 +1,10 @@
 """GEMM 1 of the local experts on Hopper, written in Gluon, its loads in a warp of their own. The same result
-as gate_up_swiglu.py with ONE_DOT and SORTED_X, bit for bit.
+as gate_up_swiglu.py's tma kernel with the same tiles, bit for bit.
 
 h[r, :] = silu(x_sorted[r] @ w13[e, :I].T) * (x_sorted[r] @ w13[e, I:].T) for row r of the expert-sorted layout
-(x_sorted: x copied into that order, gate_up_swiglu.gather_sorted_rows), e its block's expert. A persistent
-program walks its tiles in two partitions over a ring of STAGES shared-memory stages (gluon_ring.py):
+(x_sorted: x copied into that order, gate_up_swiglu.gather_sorted_rows, so that its tiles are TMA reads too),
+e its block's expert. A persistent program walks its tiles in two partitions over a ring of STAGES
+shared-memory stages (gluon_ring.py):
   loader (1 warp)    for every K step, waits for a free stage and fills it by TMA: the x rows [BLOCK_M, BLOCK_K],
                      then the gate rows and the up rows [2*BLOCK_N, BLOCK_K] of the weights;
   MMA (num_warps)    one [BLOCK_M, 2*BLOCK_N] wgmma per K step (gate, then up columns), one in flight; then
@@ -11,12 +12,8 @@ program walks its tiles in two partitions over a ring of STAGES shared-memory st
 The loader runs up to STAGES K steps ahead across tiles, so the next tile's operands arrive during this tile's
 epilogue, and the MMA warps never wait on their own loads.
 
-Measured on the H100 against the Triton kernel with the same tiles and Triton's automatic warp specialisation
-(whole path, `benchmarks/README.md`): x1.01-1.03. Tried and dropped: x rows gathered from x by cp.async
-instead of the sorted copy (no copy, no [R, H] buffer): x0.95-0.98, in the MMA warps or in loader warps.
-
 Needs Triton with Gluon (3.6 or later) and a compute-capability-9 GPU; the caller checks (`gluon_gate_up_fits`).
-Not run by CI: Gluon kernels do not run under TRITON_INTERPRET; `benchmarks/check_moe_gpu.py` checks it on a GPU.
+Gluon kernels do not run under TRITON_INTERPRET: tests/gpu/ checks this one on a GPU.
 
 Shape legend: M tokens, H hidden, I intermediate, E local experts, R padded sorted rows (see align.py).
 """
@@ -29,6 +26,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from omni_ep.layers.fused_moe.experts.triton_configs import GemmConfig
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
 from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gather_sorted_rows
 from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import ring_fits
@@ -119,31 +117,29 @@ def _gate_up_swiglu_gluon_kernel(x_desc, w_desc, h_desc, block_expert_ptr, num_p
     invalidate_ring(ready, empty, STAGES)
 
 
-def gluon_gate_up_fits(x_MH: torch.Tensor, w13_E2IH: torch.Tensor, block_m: int, config: dict) -> bool:
-    """Whether this kernel runs the config: a Hopper GPU, 16-bit floats, BLOCK_M = 16 rows per warp in whole
-    warpgroups, 2*BLOCK_N (gate and up) a multiple of 8 up to 256 that divides I, TMA-readable x rows, weights
-    and h, and the operand ring plus the h staging tile in shared memory."""
-    warps, stages, block_n, block_k = config["num_warps"], config["num_stages"], config["BLOCK_N"], config["BLOCK_K"]
+def gluon_gate_up_fits(x_MH: torch.Tensor, w13_E2IH: torch.Tensor, block_m: int, config: GemmConfig) -> bool:
+    """Whether this kernel runs the config (whose warps and widths MoEConfig has checked) on these tensors: a
+    Hopper GPU, 16-bit floats, BLOCK_N dividing I, TMA-readable x rows, weights and h, and the operand ring
+    plus the h staging tile in shared memory."""
     E, two_I, H = w13_E2IH.shape
     elt = x_MH.element_size()
     return (
         x_MH.device.type == "cuda"
         and torch.cuda.get_device_capability(x_MH.device)[0] == 9
         and x_MH.dtype in (torch.bfloat16, torch.float16)
-        and warps % 4 == 0 and block_m == 16 * warps
-        and 2 * block_n % 8 == 0 and 2 * block_n <= 256 and (two_I // 2) % block_n == 0
-        and stages >= 2 and H * elt % 16 == 0 and (two_I // 2) * elt % 16 == 0
+        and (two_I // 2) % config.block_n == 0
+        and H * elt % 16 == 0 and (two_I // 2) * elt % 16 == 0
         and w13_E2IH.is_contiguous() and w13_E2IH.data_ptr() % 16 == 0
-        and ring_fits(block_m, 2 * block_n, block_k, stages, elt, block_n)
+        and ring_fits(block_m, 2 * config.block_n, config.block_k, config.num_stages, elt, config.block_n)
     )
 
 
 def gate_up_swiglu_gluon(x_MH: torch.Tensor, w13_E2IH: torch.Tensor, align: BlockAlignment, top_k: int,
-                         config: dict, programs: int) -> torch.Tensor:
+                         config: GemmConfig, programs: int) -> torch.Tensor:
     """x [M, H], w13 [E, 2I, H] (contiguous) -> h [R, I] in the expert-sorted layout."""
     E, two_I, H = w13_E2IH.shape
     I = two_I // 2
-    block_m, block_n, block_k = align.block_m, config["BLOCK_N"], config["BLOCK_K"]
+    block_m, block_n, block_k = align.block_m, config.block_n, config.block_k
     dtype = gl.bfloat16 if x_MH.dtype == torch.bfloat16 else gl.float16
     x_RH = gather_sorted_rows(x_MH, align, top_k)
     h_RI = torch.empty(align.sorted_pair_R.numel(), I, dtype=x_MH.dtype, device=x_MH.device)
@@ -154,7 +150,7 @@ def gate_up_swiglu_gluon(x_MH: torch.Tensor, w13_E2IH: torch.Tensor, align: Bloc
     _gate_up_swiglu_gluon_kernel[(programs,)](
         descriptor(x_RH, block_m, block_k), descriptor(w13_E2IH.view(E * two_I, H), block_n, block_k),
         descriptor(h_RI, block_m, block_n), align.block_expert_B, align.num_padded_rows, H, I,
-        GROUP_M=config["GROUP_M"], STAGES=config["num_stages"], NUM_LOADER_REGS=LOADER_REGS,
-        num_warps=config["num_warps"], maxnreg=MAX_REGS,
+        GROUP_M=config.group_m, STAGES=config.num_stages, NUM_LOADER_REGS=LOADER_REGS,
+        num_warps=config.num_warps, maxnreg=MAX_REGS,
     )
     return h_RI

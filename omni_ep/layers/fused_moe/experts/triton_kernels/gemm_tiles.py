@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from omni_ep.layers.fused_moe.experts.triton_configs import GemmConfig
+
 SHARED_MEMORY_BYTES = 227 * 1024  # per block on Hopper (sm_90), the opt-in maximum
 
 
@@ -39,12 +41,11 @@ def grouped_tile(tile, num_m_blocks, num_n_blocks, GROUP_M: tl.constexpr):
     return m_block, n_block
 
 
-def persistent_programs(num_row_blocks: int, num_n_blocks: int, config: dict, num_sms: int) -> int:
-    """Programs of a persistent GEMM launch: PROGRAMS_PER_SM (default 1) per SM, at most one per tile of the
-    worst case; PROGRAMS_PER_SM 0 means one program per worst-case tile (a plain, non-persistent grid)."""
-    per_sm = config.get("PROGRAMS_PER_SM", 1)
+def persistent_programs(num_row_blocks: int, num_n_blocks: int, config: GemmConfig, num_sms: int) -> int:
+    """Programs of a persistent GEMM launch: programs_per_sm per SM, at most one per tile of the worst case;
+    programs_per_sm 0 means one program per worst-case tile (a plain, non-persistent grid)."""
     tiles = max(num_row_blocks * num_n_blocks, 1)
-    return tiles if per_sm == 0 else min(tiles, num_sms * per_sm)
+    return tiles if config.programs_per_sm == 0 else min(tiles, num_sms * config.programs_per_sm)
 
 
 @triton.jit
