@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from omni_ep.models.hunyuan_image3.attention import HunyuanImage3Attention, HunyuanImage3KVCache
+from omni_ep.models.hunyuan_image3.attention_mask import attention_segments
 from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import tiny_config
 from omni_ep.models.hunyuan_image3.rope import rope_cos_sin
 from tests.unit.hunyuan_reference import ensure_single_process_state
@@ -46,7 +47,7 @@ def test_rope_then_qk_norm_then_sdpa(attention):
     pos = torch.tensor([0, 1, 2, 7, 9])
     cos, sin = rope_cos_sin(pos, pos.flip(0), D)
     mask = torch.tril(torch.ones(S, S, dtype=torch.bool))
-    out = attention(x, cos, sin, mask)
+    out = attention(x, cos, sin, attention_segments(S, []))
 
     qkv = x @ attention.qkv_proj.weight.T
     q, k, v = attention.split_qkv(qkv)

@@ -10,12 +10,15 @@ groups whenever N_kv_total % TP == 0. ``o_proj`` is row-parallel and all-reduces
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from omni_ep.distributed import get_tp_group
 from omni_ep.layers.linear import ColumnParallelLinear, RowParallelLinear
+from omni_ep.models.hunyuan_image3.attention_mask import AttentionSegment
 from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
 from omni_ep.models.hunyuan_image3.rope import apply_rotary_emb
 
@@ -142,7 +145,7 @@ class HunyuanImage3Attention(nn.Module):
         hidden_states: torch.Tensor,  # [B, S, H]
         cos: torch.Tensor,  # [S, D] fp32
         sin: torch.Tensor,  # [S, D] fp32
-        attention_mask: torch.Tensor,  # bool [S, S_kv], True = attend
+        segments: Sequence[AttentionSegment],  # the pattern of queries [S_kv - S, S_kv)
         kv_cache: HunyuanImage3KVCache | None = None,
     ) -> torch.Tensor:
         dtype = hidden_states.dtype
@@ -153,9 +156,31 @@ class HunyuanImage3Attention(nn.Module):
         k_BKSD = self.key_layernorm(apply_rotary_emb(k_BKSD, cos, sin)).to(dtype)
         if kv_cache is not None:
             k_BKSD, v_BKSD = kv_cache.store_or_extend(self.layer_idx, k_BKSD, v_BKSD)
-        k_BNSD = k_BKSD.repeat_interleave(self.group_size, dim=1)
-        v_BNSD = v_BKSD.repeat_interleave(self.group_size, dim=1)
-        out_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSD, attn_mask=attention_mask)
-        B, N, S, D = out_BNSD.shape
-        out, _ = self.o_proj(out_BNSD.transpose(1, 2).reshape(B, S, N * D))
+        out_BSND = segmented_attention(q_BNSD, k_BKSD, v_BKSD, segments)
+        B, S, N, D = out_BSND.shape
+        out, _ = self.o_proj(out_BSND.reshape(B, S, N * D))
         return out
+
+
+def segmented_attention(
+    q_BNSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, segments: Sequence[AttentionSegment]
+) -> torch.Tensor:
+    """Softmax attention of queries [S_kv - S, S_kv) over keys [0, S_kv), one call per segment: a mask-free key
+    prefix (or plain causal from token 0) needs no mask tensor, and GQA is native (K/V heads are not repeated).
+    Returns [B, S, N, D]."""
+    S_kv, q_offset = k_BKSD.shape[2], k_BKSD.shape[2] - q_BNSD.shape[2]
+    if segments[0].q_start != q_offset or segments[-1].q_end != S_kv:
+        raise ValueError(f"segments {segments} do not cover queries [{q_offset}, {S_kv})")
+    outs = []
+    for seg in segments:
+        q = q_BNSD[:, :, seg.q_start - q_offset : seg.q_end - q_offset]
+        k, v = k_BKSD[:, :, : seg.kv_end], v_BKSD[:, :, : seg.kv_end]
+        mask, is_causal = None, False
+        if seg.causal and seg.q_start == 0:
+            is_causal = True  # queries and keys start together: torch's causal alignment
+        elif seg.causal:  # query i sees keys [0, i]
+            keys = torch.arange(seg.kv_end, device=q.device)
+            mask = keys[None, :] <= torch.arange(seg.q_start, seg.q_end, device=q.device)[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        outs.append(out.transpose(1, 2))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

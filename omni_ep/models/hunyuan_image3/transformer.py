@@ -28,7 +28,7 @@ from omni_ep.models.hunyuan_image3.attention import (
     HunyuanImage3KVCache,
     HunyuanImage3RMSNorm,
 )
-from omni_ep.models.hunyuan_image3.attention_mask import build_attention_mask
+from omni_ep.models.hunyuan_image3.attention_mask import attention_segments
 from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
 from omni_ep.models.hunyuan_image3.embeddings import HunyuanTimestepEmbedder, HunyuanUNetDown, HunyuanUNetUp
 from omni_ep.models.hunyuan_image3.moe import HunyuanImage3MoE
@@ -63,8 +63,8 @@ class HunyuanImage3DecoderLayer(nn.Module):
         self.post_attention_layernorm = HunyuanImage3RMSNorm(H, eps, params_dtype)
         self.mlp = HunyuanImage3MoE(config, layer_idx, params_dtype, prefix=f"{prefix}.mlp")
 
-    def forward(self, x_BSH, cos, sin, attention_mask, kv_cache=None) -> torch.Tensor:
-        h_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin, attention_mask, kv_cache)
+    def forward(self, x_BSH, cos, sin, segments, kv_cache=None) -> torch.Tensor:
+        h_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin, segments, kv_cache)
         return h_BSH + self.mlp(self.post_attention_layernorm(h_BSH))
 
 
@@ -157,9 +157,9 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         x_BSH = self._embed(latents, timestep, input_ids, q_start, seq_len, timestep_index, image_slice)
         pos_y, pos_x = image_rope_positions(seq_len, img_start, h, w, device=device)
         cos, sin = rope_cos_sin(pos_y[q_start:], pos_x[q_start:], self.config.attention_head_dim, self.config.rope_theta)
-        mask = build_attention_mask(seq_len, [(img_start, img_stop)], device=device, query_start=q_start)
+        segments = attention_segments(seq_len, [(img_start, img_stop)], query_start=q_start)
         for layer in self.model.layers:
-            x_BSH = layer(x_BSH, cos, sin, mask, kv_cache)
+            x_BSH = layer(x_BSH, cos, sin, segments, kv_cache)
         if kv_cache is not None and not cached:
             kv_cache.end_fill()
         image_hidden = x_BSH[:, img_start - q_start : img_stop - q_start]  # no ln_f before final_layer
