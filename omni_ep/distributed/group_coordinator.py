@@ -36,14 +36,16 @@ class GroupCoordinator:
         dist.all_reduce(x, group=self.group)
         return x
 
-    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """Concatenate equal-shaped tensors of every member along ``dim``."""
+    def all_gather(self, x: torch.Tensor, dim: int = 0, async_op: bool = False):
+        """Concatenate equal-shaped tensors of every member along ``dim``. With async_op: (out, work), out valid
+        once work.wait() returned (on CUDA: once the current stream waited for it)."""
         if self.world_size == 1:
-            return x
+            return (x, None) if async_op else x
         x = x.movedim(dim, 0).contiguous()
         out = x.new_empty((self.world_size * x.shape[0],) + tuple(x.shape[1:]))
-        _all_gather_single(out, x, group=self.group)
-        return out.movedim(0, dim)
+        work = _all_gather_single(out, x, group=self.group, async_op=async_op)
+        out = out.movedim(0, dim)
+        return (out, work) if async_op else out
 
     def all_gather_row_chunks(self, x_CH: torch.Tensor, num_rows: int) -> torch.Tensor:
         """Join the members' row_chunk(num_rows, rank, world_size) chunks x_C... into all num_rows rows (chunk
@@ -65,26 +67,27 @@ class GroupCoordinator:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the group, then keep this rank's equal chunk of dim 0."""
+    def reduce_scatter(self, x: torch.Tensor, async_op: bool = False):
+        """Sum over the group, then keep this rank's equal chunk of dim 0 (async_op: as all_gather)."""
         if self.world_size == 1:
-            return x
+            return (x, None) if async_op else x
         x = x.contiguous()
         out = x.new_empty((x.shape[0] // self.world_size,) + tuple(x.shape[1:]))
-        _reduce_scatter_single(out, x, group=self.group)
-        return out
+        work = _reduce_scatter_single(out, x, group=self.group, async_op=async_op)
+        return (out, work) if async_op else out
 
     def all_to_all_single(
-        self, x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int]
-    ) -> torch.Tensor:
-        """Send rows input_split_sizes[r] to rank r; receive output_split_sizes[r] rows from rank r."""
+        self, x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int], async_op: bool = False
+    ):
+        """Send rows input_split_sizes[r] to rank r; receive output_split_sizes[r] rows from rank r (async_op:
+        as all_gather)."""
         if self.world_size == 1:
-            return x
+            return (x, None) if async_op else x
         out = x.new_empty((sum(output_split_sizes),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(
-            out, x.contiguous(), output_split_sizes, input_split_sizes, group=self.group
+        work = dist.all_to_all_single(
+            out, x.contiguous(), output_split_sizes, input_split_sizes, group=self.group, async_op=async_op
         )
-        return out
+        return (out, work) if async_op else out
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -9,6 +9,7 @@ import torch
 
 from omni_ep.config import ParallelConfig
 from omni_ep.distributed import destroy_parallel_state, init_parallel_state
+from omni_ep.forward_context import set_forward_context
 from omni_ep.layers.fused_moe import FusedMoE, select_experts
 from omni_ep.layers.fused_moe.experts.torch_experts import TorchExperts
 from tests.launcher import run_ranks
@@ -74,11 +75,17 @@ def ep_worker(rank, world_size):
                 cfg = ParallelConfig(enable_expert_parallel=True, all2all_backend=backend, expert_placement=placement, **kw)
                 state = init_parallel_state(cfg)
                 data_rank = rank // cfg.tensor_parallel_size  # TP peers hold the same tokens
+                # Linear placement: one chunk, token counts asked from the ranks. Round robin: 3 overlapped
+                # chunks (some empty with few tokens) and the token bound known from the forward context.
+                overlap, known_bound = (1, False) if placement == "linear" else (3, True)
                 for case, top_k in CASES:
                     layer = FusedMoE(E, top_k, H, I, params_dtype=torch.float32)
+                    layer.overlap_chunks = overlap
                     load_layer(layer)
                     x, logits = tokens(case, data_rank, top_k)
-                    out = layer(x, logits)
+                    bound = max(tokens(case, d, top_k)[0].shape[0] for d in range(world_size // cfg.tensor_parallel_size))
+                    with set_forward_context(max_tokens_across_ep=bound if known_bound else None):
+                        out = layer(x, logits)
                     ref = reference(x, logits, top_k)
                     err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.shape[0] else 0.0
                     assert out.shape == x.shape, (kw, backend, case)

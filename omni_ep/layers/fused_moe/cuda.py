@@ -5,3 +5,4 @@ from omni_ep.layers.fused_moe.layer import FusedMoE
 
 class CudaFusedMoE(FusedMoE):
     preferred_experts_backends = ("triton", "torch")
+    overlap_chunks = 2

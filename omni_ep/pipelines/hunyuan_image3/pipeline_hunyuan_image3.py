@@ -32,12 +32,14 @@ from omni_ep.config import ParallelConfig
 from omni_ep.distributed import (
     get_cfg_group,
     get_dp_group,
+    get_ep_group,
     get_parallel_state,
     get_tp_group,
     get_world_group,
     init_parallel_state,
     is_parallel_state_initialized,
 )
+from omni_ep.forward_context import set_forward_context
 from omni_ep.models.hunyuan_image3 import (
     HunyuanImage3KVCache,
     load_transformer,
@@ -46,6 +48,7 @@ from omni_ep.models.hunyuan_image3 import (
 from omni_ep.models.hunyuan_image3.saving import save_checkpoint
 from omni_ep.models.hunyuan_image3.tokenization import build_text_to_image_inputs
 from omni_ep.models.hunyuan_image3.vae import decode_latents
+from omni_ep.pipelines.cuda_graph import CachedStepGraph
 from omni_ep.pipelines.hunyuan_image3.scheduling import make_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -66,6 +69,8 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
         self.generation_config = generation_config or {}
+        self.cuda_graphs = True  # on CUDA, the cached steps replay one captured graph (see cuda_graph.py)
+        self.last_cuda_graph: CachedStepGraph | None = None
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -232,19 +237,28 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
             input_ids = input_ids[cfg_group.rank : cfg_group.rank + 1]  # this rank's branch
         rows = input_ids.shape[0]
         image_slice = slice(*inputs.image_slice)
+        first_bound, cached_bound = self.moe_token_bounds(rows * input_ids.shape[1],
+                                                          rows * (image_slice.stop - inputs.timestep_index))
         scheduler, timesteps = make_scheduler(num_inference_steps, shift, device=self.device)
         kv_cache = HunyuanImage3KVCache()
+
+        def cached_step(latents_BChw, t_B):
+            with set_forward_context(max_tokens_across_ep=cached_bound):
+                return self.transformer(latents_BChw, t_B, image_slice, inputs.timestep_index, kv_cache=kv_cache)
+
+        graphed = self.cuda_graphs and self.device.type == "cuda"
+        step_fn = CachedStepGraph(cached_step) if graphed else cached_step
         latents = latents.to(self.device)
         with self.progress_bar(total=num_inference_steps) as progress:
             for step, t in enumerate(timesteps):
-                v = self.transformer(
-                    latents.expand(rows, -1, -1, -1).to(self.dtype),
-                    t.expand(rows).to(self.device),
-                    image_slice,
-                    inputs.timestep_index,
-                    input_ids=input_ids if step == 0 else None,
-                    kv_cache=kv_cache,
-                ).float()
+                latents_in, t_in = latents.expand(rows, -1, -1, -1).to(self.dtype), t.expand(rows).to(self.device)
+                if step == 0:
+                    with set_forward_context(max_tokens_across_ep=first_bound):
+                        v = self.transformer(latents_in, t_in, image_slice, inputs.timestep_index,
+                                             input_ids=input_ids, kv_cache=kv_cache)
+                else:
+                    v = step_fn(latents_in, t_in)
+                v = v.float()
                 if do_cfg:
                     v = cfg_group.all_gather(v) if cfg_group.world_size == 2 else v
                     v_cond, v_uncond = v.chunk(2)
@@ -254,7 +268,15 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
                     out = callback(self, step, t, {"latents": latents}) or {}
                     latents = out.get("latents", latents)
                 progress.update()
+        self.last_cuda_graph = step_fn if graphed else None
         return latents
+
+    @staticmethod
+    def moe_token_bounds(first_tokens: int, cached_tokens: int) -> tuple[int, int]:
+        """The most tokens any EP rank feeds an MoE layer on step 0 and on the cached steps: one exchange per
+        generation (DP ranks may hold prompts of other lengths), so that no step asks inside a layer."""
+        sizes = get_ep_group().all_gather_object((first_tokens, cached_tokens))
+        return max(a for a, _ in sizes), max(b for _, b in sizes)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omni_ep.layers.fused_moe.dispatch.base import DispatchResult, Dispatcher, to_local_ids
+from omni_ep.layers.fused_moe.dispatch.base import DispatchResult, Dispatcher, Pending, to_local_ids
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class AllToAllMetadata:
 class AllToAllDispatcher(Dispatcher):
     name = "all2all"
 
-    def dispatch(self, hidden_states, topk_ids, topk_weights, max_tokens=None):
+    def dispatch_async(self, hidden_states, topk_ids, topk_weights, max_tokens=None):
         group = self.ep_group
         R, (T, K), H = group.world_size, topk_ids.shape, hidden_states.shape[1]
         device = hidden_states.device
@@ -50,16 +50,24 @@ class AllToAllDispatcher(Dispatcher):
         for r in range(R):  # dump rows take any token that does not go to r; its ids find no expert on r
             send_x.index_copy_(0, row_TR[:, r], hidden_states)
             send_routing.index_copy_(0, row_TR[:, r], torch.where(wanted_TR[:, r, None], routing_TK2, -1.0))
-        x_MH = group.all_to_all_single(send_x, [B] * R, [B] * R)
-        routing_MK2 = group.all_to_all_single(send_routing, [B] * R, [B] * R)
-        ids_MK = routing_MK2[:, :K].long()
-        return DispatchResult(x_MH, to_local_ids(ids_MK, expert_map), routing_MK2[:, K:], AllToAllMetadata(row_TR))
+        x_MH, x_work = group.all_to_all_single(send_x, [B] * R, [B] * R, async_op=True)
+        routing_MK2, routing_work = group.all_to_all_single(send_routing, [B] * R, [B] * R, async_op=True)
 
-    def combine(self, expert_output, metadata: AllToAllMetadata):
+        def finish():
+            ids_MK = to_local_ids(routing_MK2[:, :K].long(), expert_map)
+            return DispatchResult(x_MH, ids_MK, routing_MK2[:, K:], AllToAllMetadata(row_TR))
+
+        return Pending([x_work, routing_work], finish)
+
+    def combine_async(self, expert_output, metadata: AllToAllMetadata):
         R = metadata.row_TR.shape[1]
-        partial = self.ep_group.all_to_all_single(expert_output, [expert_output.shape[0] // R] * R,
-                                                  [expert_output.shape[0] // R] * R)
-        out_TH = partial[metadata.row_TR[:, 0]].float()
-        for r in range(1, R):  # rank order; rows a rank did not get are its dump row: exact zeros
-            out_TH += partial[metadata.row_TR[:, r]]
-        return out_TH.to(expert_output.dtype)
+        splits = [expert_output.shape[0] // R] * R
+        partial, work = self.ep_group.all_to_all_single(expert_output, splits, splits, async_op=True)
+
+        def finish():
+            out_TH = partial[metadata.row_TR[:, 0]].float()
+            for r in range(1, R):  # rank order; rows a rank did not get are its dump row: exact zeros
+                out_TH += partial[metadata.row_TR[:, r]]
+            return out_TH.to(expert_output.dtype)
+
+        return Pending([work], finish)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omni_ep.layers.fused_moe.dispatch.base import DispatchResult, Dispatcher, to_local_ids
+from omni_ep.layers.fused_moe.dispatch.base import DispatchResult, Dispatcher, Pending, to_local_ids
 
 
 @dataclass(frozen=True)
@@ -25,21 +25,26 @@ class AllGatherMetadata:
 class AllGatherReduceScatterDispatcher(Dispatcher):
     name = "allgather_reducescatter"
 
-    def dispatch(self, hidden_states, topk_ids, topk_weights, max_tokens=None):
+    def dispatch_async(self, hidden_states, topk_ids, topk_weights, max_tokens=None):
         group = self.ep_group
-        T = hidden_states.shape[0]
+        T, K = topk_ids.shape
         P = max(self.token_bound(T, max_tokens, hidden_states.device), 1)
         pad = P - T
         x_PH = torch.nn.functional.pad(hidden_states, (0, 0, 0, pad))
-        ids_PK = torch.nn.functional.pad(topk_ids, (0, 0, 0, pad), value=-1)
-        w_PK = torch.nn.functional.pad(topk_weights, (0, 0, 0, pad))
-        x_RPH = group.all_gather(x_PH)
-        ids_RPK = group.all_gather(ids_PK)
-        w_RPK = group.all_gather(w_PK)
-        expert_map, _ = self.tables(ids_RPK.device)
-        return DispatchResult(x_RPH, to_local_ids(ids_RPK, expert_map), w_RPK, AllGatherMetadata(T, P))
+        # ids travel as fp32 beside the weights (exact below 2^24), -1 on padding rows: one collective for both.
+        routing_PK2 = torch.cat([topk_ids.float(), topk_weights.float()], dim=1)
+        routing_PK2 = torch.nn.functional.pad(routing_PK2, (0, 0, 0, pad), value=-1.0)
+        x_RPH, x_work = group.all_gather(x_PH, async_op=True)
+        routing_RPK2, routing_work = group.all_gather(routing_PK2, async_op=True)
+        expert_map, _ = self.tables(hidden_states.device)
 
-    def combine(self, expert_output, metadata: AllGatherMetadata):
+        def finish():
+            ids = to_local_ids(routing_RPK2[:, :K].long(), expert_map)
+            return DispatchResult(x_RPH, ids, routing_RPK2[:, K:], AllGatherMetadata(T, P))
+
+        return Pending([x_work, routing_work], finish)
+
+    def combine_async(self, expert_output, metadata: AllGatherMetadata):
         # Summed in fp32 and cast once, as the all-to-all backend's combine does.
-        out_PH = self.ep_group.reduce_scatter(expert_output.float())
-        return out_PH[: metadata.num_tokens].to(expert_output.dtype)
+        out_PH, work = self.ep_group.reduce_scatter(expert_output.float(), async_op=True)
+        return Pending([work], lambda: out_PH[: metadata.num_tokens].to(expert_output.dtype))

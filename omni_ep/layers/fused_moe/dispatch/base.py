@@ -8,17 +8,38 @@ Shape legend: T tokens on this rank, M tokens received for the local experts, K 
 
 Dispatch returns its metadata; combine consumes it. No state is kept on the dispatcher between the two.
 Every rank enters every collective of both calls, also with zero tokens.
+
+``dispatch_async`` / ``combine_async`` start the same collectives and return a ``Pending`` whose ``wait()``
+gives the result: what the caller launches in between (the shared experts, another chunk's experts) overlaps
+the transfer. On CUDA, wait() makes the current stream wait for the collective; the host does not block.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from omni_ep.distributed.group_coordinator import GroupCoordinator
+
+
+Result = TypeVar("Result")
+
+
+class Pending(Generic[Result]):
+    """A result whose collectives are in flight; ``wait()`` waits for them, then finishes it (once)."""
+
+    def __init__(self, works: Sequence[Any], finish: Callable[[], Result]):
+        self._works, self._finish = [w for w in works if w is not None], finish
+
+    def wait(self) -> Result:
+        for work in self._works:
+            work.wait()
+        self._works = []
+        return self._finish()
 
 
 @dataclass(frozen=True)
@@ -64,7 +85,6 @@ class Dispatcher(ABC):
         counts = self.ep_group.all_gather(torch.tensor([num_tokens], dtype=torch.long, device=device))
         return int(counts.max())
 
-    @abstractmethod
     def dispatch(
         self,
         hidden_states: torch.Tensor,
@@ -72,10 +92,21 @@ class Dispatcher(ABC):
         topk_weights: torch.Tensor,
         max_tokens: int | None = None,
     ) -> DispatchResult:
-        """max_tokens: the most tokens any rank of the group dispatches in this call (None: ask them)."""
+        """x [T, H], global topk_ids [T, K], topk_weights [T, K] -> what this rank's experts get. max_tokens: the
+        most tokens any rank of the group dispatches in this call (None: ask them)."""
+        return self.dispatch_async(hidden_states, topk_ids, topk_weights, max_tokens).wait()
+
+    def combine(self, expert_output: torch.Tensor, metadata: Any) -> torch.Tensor:
+        """The local experts' output [M, H] -> this rank's tokens [T, H], partial rows summed in fp32."""
+        return self.combine_async(expert_output, metadata).wait()
 
     @abstractmethod
-    def combine(self, expert_output: torch.Tensor, metadata: Any) -> torch.Tensor: ...
+    def dispatch_async(
+        self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, max_tokens: int | None
+    ) -> Pending[DispatchResult]: ...
+
+    @abstractmethod
+    def combine_async(self, expert_output: torch.Tensor, metadata: Any) -> Pending[torch.Tensor]: ...
 
 
 class LocalDispatcher(Dispatcher):
@@ -83,9 +114,10 @@ class LocalDispatcher(Dispatcher):
 
     name = "local"
 
-    def dispatch(self, hidden_states, topk_ids, topk_weights, max_tokens=None):
+    def dispatch_async(self, hidden_states, topk_ids, topk_weights, max_tokens=None):
         expert_map, _ = self.tables(topk_ids.device)
-        return DispatchResult(hidden_states, to_local_ids(topk_ids, expert_map), topk_weights, None)
+        result = DispatchResult(hidden_states, to_local_ids(topk_ids, expert_map), topk_weights, None)
+        return Pending([], lambda: result)
 
-    def combine(self, expert_output, metadata):
-        return expert_output
+    def combine_async(self, expert_output, metadata):
+        return Pending([], lambda: expert_output)
