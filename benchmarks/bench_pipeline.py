@@ -1,141 +1,188 @@
-"""Time the HunyuanImage-3.0 pipeline end to end: seconds per denoising step (first and later), VAE decode,
-peak memory per rank, for each local-experts backend, in one process (or under torchrun).
+"""Time the HunyuanImage-3.0 pipeline end to end: seconds per image, per denoising step (first and later), peak
+memory per rank, in one process or under torchrun; and compare its output with a saved run.
 
     # tiny checkpoint (made on the fly)
     python benchmarks/bench_pipeline.py --model tiny --height 256 --width 256
-    # real widths, random weights, 4 layers, 1024x1024 with CFG
-    python benchmarks/bench_pipeline.py --model real-dummy --layers 4 --height 1024 --width 1024
+    # the full-size model with dummy weights, CFG2 + EP2 on two GPUs, 50 steps
+    torchrun --nproc-per-node 2 benchmarks/bench_pipeline.py --model real-dummy --layers 32 --steps 50 \
+        --cfg-parallel-size 2 --enable-expert-parallel --all2all-backend all2all --json out.json
+    # the same run of another version of the package (benchmarks/make_baseline_package.sh), output saved, then
+    # this version compared with it
+    PYTHONPATH=.ab_base python benchmarks/bench_pipeline.py --package omni_ep_base ... --save-output ref.pt
+    python benchmarks/bench_pipeline.py ... --compare-output ref.pt
 
-Prints a table and writes JSON (--json). Timings use torch.cuda.synchronize at step ends.
+Dummy weights are the same model in every layout (each tensor drawn from its name), so outputs of layouts can be
+compared. Prints a table and writes JSON (--json). Timings synchronise the device at step ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
+import math
 import os
 import platform
 import tempfile
 import time
 
+import numpy as np
 import torch
 
-from omni_ep.config import ParallelConfig
-from omni_ep.distributed import destroy_parallel_state, get_world_group, init_parallel_state
-from omni_ep.layers.fused_moe import FusedMoE
-from omni_ep.pipelines.step_timer import StepTimer, peak_memory_gib
+COMPARE_PROMPTS = ["a cat sitting on a red chair", "an astronaut riding a horse"]
 
 
-def make_model_dir(kind: str, layers: int, num_experts: int, directory: str) -> tuple[str, str]:
-    """(checkpoint folder, load_format) for "tiny" or "real-dummy" (real config.json, fewer layers)."""
-    from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
-    from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import write_tiny_checkpoint
-    from omni_ep.models.hunyuan_image3.tokenization import write_tiny_tokenizer
-
-    if kind == "tiny":
-        return write_tiny_checkpoint(directory), "safetensors"
-    if kind != "real-dummy":
-        return kind, "safetensors"
-    config = HunyuanImage3Config(num_hidden_layers=layers, num_experts=num_experts, moe_topk=[8] * layers,
-                                 moe_intermediate_size=[3072] * layers, num_shared_expert=[1] * layers)
-    write_tiny_tokenizer(directory)  # special tokens by name; ids fit the real vocabulary
-    config.to_json_file(os.path.join(directory, "config.json"))
-    return directory, "dummy"
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_layout_args(p: argparse.ArgumentParser) -> None:
+    """The model, size and parallel-layout flags shared with profile_step.py."""
+    p.add_argument("--package", default="omni_ep", help="the package to run (omni_ep, or a baseline copy)")
     p.add_argument("--model", default="tiny", help='"tiny", "real-dummy", or a checkpoint folder')
     p.add_argument("--layers", type=int, default=4, help="real-dummy: number of decoder layers")
     p.add_argument("--num-experts", type=int, default=64, help="real-dummy: experts per layer")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--experts-backends", default="triton,torch")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--cfg-parallel-size", type=int, default=1)
     p.add_argument("--data-parallel-size", type=int, default=1)
     p.add_argument("--enable-expert-parallel", action="store_true")
     p.add_argument("--all2all-backend", default="allgather_reducescatter")
-    p.add_argument("--json", default=None)
-    p.add_argument("--save-latents", default=None, help="rank 0 writes the final latents of two prompts here")
-    p.add_argument("--compare-latents", default=None, help="rank 0 compares its final latents with this file")
-    p.add_argument("--rtol", type=float, default=1e-4, help="largest relative error --compare-latents accepts")
-    args = p.parse_args()
+    p.add_argument("--no-cuda-graph", action="store_true", help="run the cached steps eagerly")
+    p.add_argument("--overlap-chunks", type=int, default=None, help="row chunks of the MoE overlap (default: the platform's)")
+    p.add_argument("--experts-backend", default=None, help="local-experts implementation (default: the platform's)")
 
-    from omni_ep.pipelines import HunyuanImage3Pipeline
 
-    config = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, cfg_parallel_size=args.cfg_parallel_size,
-                            data_parallel_size=args.data_parallel_size,
-                            enable_expert_parallel=args.enable_expert_parallel, all2all_backend=args.all2all_backend)
-    state = init_parallel_state(config)
-    dtype = getattr(torch, args.dtype)
-    workdir = tempfile.mkdtemp()
+def make_model_dir(pkg: str, kind: str, layers: int, num_experts: int, directory: str) -> tuple[str, str]:
+    """(checkpoint folder, load_format) for "tiny" or "real-dummy" (real config.json, fewer layers)."""
+    if kind == "tiny":
+        return importlib.import_module(f"{pkg}.models.hunyuan_image3.make_tiny_checkpoint").write_tiny_checkpoint(directory), "safetensors"
+    if kind != "real-dummy":
+        return kind, "safetensors"
+    config_cls = importlib.import_module(f"{pkg}.models.hunyuan_image3.configuration").HunyuanImage3Config
+    config = config_cls(num_hidden_layers=layers, num_experts=num_experts, moe_topk=[8] * layers,
+                        moe_intermediate_size=[3072] * layers, num_shared_expert=[1] * layers)
+    importlib.import_module(f"{pkg}.models.hunyuan_image3.tokenization").write_tiny_tokenizer(directory)
+    config.to_json_file(os.path.join(directory, "config.json"))
+    return directory, "dummy"
+
+
+def load_pipeline(args):
+    """(pipeline, parallel state, world group, load seconds) of --package with the layout of args."""
+    pkg = importlib.import_module(args.package)
+    dist = importlib.import_module(f"{args.package}.distributed")
+    config = pkg.ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, cfg_parallel_size=args.cfg_parallel_size,
+                                data_parallel_size=args.data_parallel_size,
+                                enable_expert_parallel=args.enable_expert_parallel, all2all_backend=args.all2all_backend)
+    state = dist.init_parallel_state(config)
+    world = dist.get_world_group()
+    path = load_format = None
     if state.rank == 0:
-        path, load_format = make_model_dir(args.model, args.layers, args.num_experts, workdir)
-    path, load_format = get_world_group().all_gather_object(
-        (path, load_format) if state.rank == 0 else None)[0]
+        path, load_format = make_model_dir(args.package, args.model, args.layers, args.num_experts, tempfile.mkdtemp())
+    path, load_format = world.all_gather_object((path, load_format))[0]
+    pipelines = importlib.import_module(f"{args.package}.pipelines")
     t0 = time.perf_counter()
-    pipe = HunyuanImage3Pipeline.from_pretrained(path, torch_dtype=dtype, load_format=load_format)
+    pipe = pipelines.HunyuanImage3Pipeline.from_pretrained(path, torch_dtype=getattr(torch, args.dtype),
+                                                           load_format=load_format)
     load_s = time.perf_counter() - t0
     pipe.set_progress_bar_config(disable=True)
-    moe_layers = [m for m in pipe.transformer.modules() if isinstance(m, FusedMoE)]
+    if args.no_cuda_graph:
+        pipe.cuda_graphs = False
+    fused_moe = importlib.import_module(f"{args.package}.layers.fused_moe").FusedMoE
+    for layer in (m for m in pipe.transformer.modules() if isinstance(m, fused_moe)):
+        if args.overlap_chunks is not None:
+            layer.overlap_chunks = args.overlap_chunks
+        if args.experts_backend is not None:
+            layer.set_experts_backend(args.experts_backend)
+    return pipe, state, world, load_s
 
-    rows = []
-    for backend in args.experts_backends.split(","):
-        for layer in moe_layers:
-            layer.set_experts_backend(backend)
-        timer = StepTimer(state.device)
-        call = dict(height=args.height, width=args.width, num_inference_steps=args.steps,
-                    guidance_scale=args.guidance_scale, seed=0, callback_on_step_end=timer)
-        pipe("warm-up prompt", **{**call, "num_inference_steps": 2})  # compile kernels, tune caches
-        if state.device.type == "cuda":
+
+def run_meta(args, pipe, load_s) -> dict:
+    cfg = pipe.transformer.config
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return dict(date=datetime.date.today().isoformat(), device=device, torch=torch.__version__,
+                package=args.package, layout=importlib.import_module(f"{args.package}.distributed").get_parallel_config().describe(),
+                model=args.model, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, experts=cfg.num_experts,
+                height=args.height, width=args.width, guidance=args.guidance_scale, dtype=args.dtype, load_s=load_s,
+                cuda_graph=not args.no_cuda_graph, overlap_chunks=args.overlap_chunks,
+                tf32=torch.backends.cuda.matmul.allow_tf32)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_layout_args(p)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--json", default=None)
+    p.add_argument("--save-output", default=None, help="rank 0 saves the final latents and images of two prompts")
+    p.add_argument("--compare-output", default=None, help="rank 0 compares its latents and images with this file")
+    p.add_argument("--rtol", type=float, default=None, help="fail when the latents' relative error exceeds this")
+    p.add_argument("--no-timing", action="store_true", help="only the --save/--compare generation")
+    args = p.parse_args()
+    pipe, state, world, load_s = load_pipeline(args)
+    on_cuda = state.device.type == "cuda"
+    step_timer = importlib.import_module(f"{args.package}.pipelines.step_timer")
+    call = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, seed=0)
+
+    row = None
+    if not args.no_timing:
+        timer = step_timer.StepTimer(state.device)
+        pipe("warm-up prompt", num_inference_steps=3, **call)  # compile kernels, capture nothing yet
+        if on_cuda:
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         timer.start()
-        pipe("a cup of coffee on the table", **call)
+        pipe("a cup of coffee on the table", num_inference_steps=args.steps, callback_on_step_end=timer, **call)
+        if on_cuda:
+            torch.cuda.synchronize()
         total = time.perf_counter() - timer.started
         steps = timer.step_seconds
-        later = steps[1:]
-        peaks = get_world_group().all_gather_object(peak_memory_gib(state.device))
-        rows.append(dict(experts_backend=moe_layers[0].experts.name, first_step_s=steps[0],
-                         later_step_s=sum(later) / max(len(later), 1), decode_and_rest_s=total - (timer.ends[-1] - timer.started),
-                         total_s=total, peak_memory_gib_per_rank=peaks))
+        later = steps[1:] or steps
+        graph = getattr(pipe, "last_cuda_graph", None)
+        row = dict(image_s=total, first_step_s=steps[0], later_step_s=sum(later) / len(later),
+                   decode_and_rest_s=total - (timer.ends[-1] - timer.started),
+                   peak_memory_gib_per_rank=world.all_gather_object(step_timer.peak_memory_gib(state.device)),
+                   cuda_graph_captured=None if graph is None else graph.captured,
+                   cuda_graph_error=None if graph is None else graph.error)
 
-    if args.save_latents or args.compare_latents:
-        latents = pipe(["a cat sitting on a red chair", "an astronaut riding a horse"], height=args.height,
-                       width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=0,
-                       output_type="latent")
-        if state.rank == 0 and args.save_latents:
-            torch.save(latents.images, args.save_latents)
-        if state.rank == 0 and args.compare_latents:
-            ref = torch.load(args.compare_latents)
-            err = ((latents.images - ref).norm() / ref.norm()).item()
-            print(f"final latents vs {args.compare_latents}: relative error {err:.2e} (limit {args.rtol:.0e})")
-            if not err <= args.rtol:
-                raise SystemExit(f"latents differ from the reference: {err:.2e} > {args.rtol:.0e}")
+    comparison = None
+    if args.save_output or args.compare_output:
+        latents = pipe(COMPARE_PROMPTS, num_inference_steps=args.steps, output_type="latent", **call)
+        if state.rank == 0:
+            z = latents.images.float()
+            with torch.no_grad():
+                images = np.concatenate([pipe.decode(z[i : i + 1].to(state.device), "np") for i in range(len(z))])
+            if args.save_output:
+                torch.save(dict(latents=z, images=torch.from_numpy(images)), args.save_output)
+            if args.compare_output:
+                ref = torch.load(args.compare_output)
+                err = ((z - ref["latents"]).norm() / ref["latents"].norm()).item()
+                psnrs = [psnr(images[i], ref["images"][i].numpy()) for i in range(len(images))]
+                comparison = dict(reference=args.compare_output, latents_rel_err=err, image_psnr_db=psnrs)
+                print(f"vs {args.compare_output}: latents relative error {err:.2e}, image PSNR "
+                      + ", ".join(f"{x:.1f}" for x in psnrs) + " dB")
+                if args.rtol is not None and not err <= args.rtol:
+                    raise SystemExit(f"latents differ from the reference: {err:.2e} > {args.rtol:.0e}")
 
     if state.rank == 0:
-        cfg = pipe.transformer.config
-        meta = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name() if state.device.type == "cuda"
-                    else platform.processor() or "cpu", torch=torch.__version__, layout=config.describe(),
-                    model=args.model, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, experts=cfg.num_experts,
-                    top_k=cfg.moe_topk_at(0), height=args.height, width=args.width, steps=args.steps,
-                    guidance=args.guidance_scale, dtype=args.dtype, load_s=load_s)
-        print(f"{meta['device']} | {meta['layout']} | {args.model}: {cfg.num_hidden_layers} layers, "
-              f"{cfg.num_experts} experts top-{cfg.moe_topk_at(0)}, {args.height}x{args.width}, {args.steps} steps, "
-              f"{args.dtype}, load {load_s:.1f} s")
-        print(f"{'experts':8s} {'step 0 s':>9s} {'later s/step':>13s} {'decode+rest s':>14s} {'total s':>8s}  peak GiB/rank")
-        for r in rows:
-            print(f"{r['experts_backend']:8s} {r['first_step_s']:9.3f} {r['later_step_s']:13.4f} "
-                  f"{r['decode_and_rest_s']:14.3f} {r['total_s']:8.2f}  {[round(x, 2) for x in r['peak_memory_gib_per_rank']]}")
+        meta = run_meta(args, pipe, load_s) | dict(steps=args.steps)
+        print(f"{meta['device']} | {meta['layout']} | {args.package} {args.model}: {meta['layers']} layers, "
+              f"{args.height}x{args.width}, {args.steps} steps, {args.dtype}, load {load_s:.1f} s")
+        if row is not None:
+            print(f"{'s/image':>8s} {'step 0 s':>9s} {'later s/step':>13s} {'decode+rest s':>14s}  graph  peak GiB/rank")
+            print(f"{row['image_s']:8.2f} {row['first_step_s']:9.3f} {row['later_step_s']:13.4f} "
+                  f"{row['decode_and_rest_s']:14.3f}  {row['cuda_graph_captured']!s:5s}  "
+                  f"{[round(x, 1) for x in row['peak_memory_gib_per_rank']]}")
+            if row["cuda_graph_error"]:
+                print(f"cuda graph: {row['cuda_graph_error']}")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    destroy_parallel_state()
+                json.dump(dict(meta=meta, timing=row, comparison=comparison), f, indent=2)
+    importlib.import_module(f"{args.package}.distributed").destroy_parallel_state()
 
 
 if __name__ == "__main__":
