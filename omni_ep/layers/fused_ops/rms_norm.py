@@ -67,8 +67,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     """(h or None, out), both [..., C] like x."""
     C = x.shape[-1]
-    if weight.shape != (C,):
-        raise ValueError(f"weight {tuple(weight.shape)} must be [C={C}] for x {tuple(x.shape)}")
     if C > MAX_CHANNELS:
         raise ValueError(f"rms_norm keeps a row in registers: C={C} exceeds {MAX_CHANNELS}")
     x_NC = _rows(x)
@@ -92,6 +90,11 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     return (None if h_NC is None else h_NC.view(x.shape)), out
 
 
+def _check_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [C={x.shape[-1]}] for x {tuple(x.shape)}")
+
+
 def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -101,6 +104,7 @@ def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., C] (bf16 / fp16 / fp32), weight [C] -> [..., C] in promote(weight, x) dtype (x's dtype in the
     model): normalised in fp32, cast to x's dtype, then times weight."""
+    _check_weight(x, weight)
     if not runs_triton(x):
         return _rms_norm_torch(x, weight, eps)
     return _launch(x, None, weight, eps)[1]
@@ -113,6 +117,7 @@ def add_rms_norm(
     rms_norm(h, weight, eps))."""
     if x.shape != residual.shape:
         raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have the same shape")
+    _check_weight(x, weight)
     if not runs_triton(x):
         h = x + residual
         return h, _rms_norm_torch(h, weight, eps)
