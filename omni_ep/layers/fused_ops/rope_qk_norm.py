@@ -125,7 +125,7 @@ def rope_qk_norm(
     if D % 2:
         raise ValueError(f"RoPE pairs the two halves of the head dim: head_dim {D} must be even")
     if cos.shape != sin.shape or cos.shape not in ((S, D), (B, S, D)):
-        raise ValueError(f"cos {tuple(cos.shape)} / sin {tuple(sin.shape)} must both be [S={S}, D={D}] or [B={B}, S, D]")
+        raise ValueError(f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}: want both [S={S}, D={D}] or [B={B}, S, D]")
     if q_weight.shape != (D,) or k_weight.shape != (D,):
         raise ValueError(f"q_weight {tuple(q_weight.shape)} and k_weight {tuple(k_weight.shape)} must be [D={D}]")
     if qkv.stride(-1) != 1:
@@ -145,11 +145,10 @@ def rope_qk_norm(
     if q.numel():
         BLOCK_HALF = triton.next_power_of_2(D // 2)
         BLOCK_S = max(1, min(triton.next_power_of_2(S), 1024 // BLOCK_HALF))
-        grid = (B * triton.cdiv(S, BLOCK_S) * N_kv,)
-        _rope_qk_norm_kernel[grid](
+        num_warps = min(8, max(1, BLOCK_S * BLOCK_HALF // 128))  # 4 elements of a half-head tile per thread
+        _rope_qk_norm_kernel[(B * triton.cdiv(S, BLOCK_S) * N_kv,)](
             qkv, cos, sin, q_weight.contiguous(), k_weight.contiguous(), q, k,
             S, N_kv, qkv.stride(0), qkv.stride(1), cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2), eps,
-            GROUP=G, HEAD_DIM=D, BLOCK_S=BLOCK_S, BLOCK_HALF=BLOCK_HALF, num_warps=min(8, max(1, BLOCK_S * BLOCK_HALF // 128)),
-            enable_fp_fusion=False,
+            GROUP=G, HEAD_DIM=D, BLOCK_S=BLOCK_S, BLOCK_HALF=BLOCK_HALF, num_warps=num_warps, enable_fp_fusion=False,
         )
     return q, k, v
