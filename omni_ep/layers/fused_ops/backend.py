@@ -6,8 +6,9 @@ here once, at import, as triton reads it.
 
 On the GPU, exp and rsqrt call libdevice's expf / rsqrtf, the functions eager CUDA torch calls: tl.exp lowers
 to ex2.approx of x * log2(e), which is further from expf. The interpreter has no libdevice; there they are
-numpy's. Kernels are launched with enable_fp_fusion=False: no multiply-add is contracted into an FMA, so
-every product and sum rounds where eager torch rounds it.
+numpy's. Divisions are tl.math.div_rn (IEEE, as torch divides; Triton's `/` is the approximate div.full).
+Kernels are launched with enable_fp_fusion=False: no multiply-add is contracted into an FMA, so every product
+and sum rounds where eager torch rounds it.
 """
 
 from __future__ import annotations

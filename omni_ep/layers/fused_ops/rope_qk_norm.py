@@ -77,7 +77,7 @@ def _rope_qk_norm_kernel(
         x2 = tl.load(group_row + i * HEAD_DIM + HALF, mask=mask, other=0.0).to(tl.float32)
         r1 = x1 * cos1 - x2 * sin1
         r2 = x2 * cos2 + x1 * sin2
-        mean_square = (tl.sum(r1 * r1, axis=1) + tl.sum(r2 * r2, axis=1)) / HEAD_DIM
+        mean_square = tl.math.div_rn(tl.sum(r1 * r1, axis=1) + tl.sum(r2 * r2, axis=1), HEAD_DIM * 1.0)
         inv_rms = rsqrt_f32(mean_square + eps)[:, None]
         if i < GROUP:
             w1 = q_w1

@@ -44,7 +44,7 @@ def _router_topk_kernel(
     x = tl.load(logits_ptr + rows_read[:, None] * stride_t + cols[None, :], mask=col_ok[None, :], other=-float("inf"))
     x = x.to(tl.float32)
     e = exp_f32(x - tl.max(x, axis=1)[:, None])  # padding columns: exp(-inf) = 0
-    probs = e / tl.sum(e, axis=1)[:, None]
+    probs = tl.math.div_rn(e, tl.sum(e, axis=1)[:, None])
     probs = tl.where(col_ok[None, :], probs, -1.0)  # below every probability: never picked while K <= E
 
     slots = tl.arange(0, BLOCK_K)[None, :]
@@ -57,7 +57,7 @@ def _router_topk_kernel(
         ids = tl.where(slots == k, best_id[:, None], ids)
         probs = tl.where(cols[None, :] == best_id[:, None], -1.0, probs)
     if RENORMALIZE:
-        weights = weights / tl.sum(weights, axis=1)[:, None]  # padding slots hold 0
+        weights = tl.math.div_rn(weights, tl.sum(weights, axis=1)[:, None])  # padding slots hold 0
     out = rows.to(tl.int64)[:, None] * TOP_K + slots
     mask = row_ok[:, None] & (slots < TOP_K)
     tl.store(weights_ptr + out, weights, mask=mask)
