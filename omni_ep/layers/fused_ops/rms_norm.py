@@ -51,7 +51,7 @@ def _rms_norm_kernel(
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], x, mask=mask)
     x32 = x.to(tl.float32)
-    mean_square = tl.math.div_rn(tl.sum(x32 * x32, axis=1), C.to(tl.float32))
+    mean_square = tl.math.div_rn(tl.sum(x32 * x32, axis=1), C * 1.0)
     xn = (x32 * rsqrt_f32(mean_square + eps)[:, None]).to(x.dtype)
     weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     out = weight[None, :] * xn.to(tl.float32)
