@@ -45,7 +45,6 @@ from triton.testing import do_bench
 
 from omni_ep.config import ParallelConfig
 from omni_ep.distributed import destroy_parallel_state, init_parallel_state
-from omni_ep.layers.fused_moe.router import select_experts
 from omni_ep.layers.fused_ops import add_rms_norm, rms_norm, rope_qk_norm, router_topk
 from omni_ep.layers.fused_ops.backend import runs_triton
 from omni_ep.models.hunyuan_image3.attention import HunyuanImage3Attention, HunyuanImage3RMSNorm
@@ -178,21 +177,28 @@ def op_benchmarks(a, device, dtype, bench) -> list[dict]:
     cos, sin = rope_cos_sin(pos_y[a.prefix:], pos_x[a.prefix:], D)
     logits = torch.randn(S, a.experts, device=device, generator=gen) * 2
 
+    # Eager: the model's code before the fused ops (the model now calls them), written out.
+    def eager_norm(x, w):
+        x32 = x.float()
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
     def eager_rms_norm(x):
-        return norm(x)
+        return eager_norm(x, weight)
 
     def eager_add_rms_norm(x, residual):
         h = x + residual
-        return h, norm(h)
+        return h, eager_norm(h, weight)
 
     def eager_rope_qk_norm(qkv, cos, sin):  # HunyuanImage3Attention.forward up to the KV cache
         q, k, v = attn.split_qkv(qkv)
-        q = attn.query_layernorm(apply_rotary_emb(q, cos, sin)).to(dtype)
-        k = attn.key_layernorm(apply_rotary_emb(k, cos, sin)).to(dtype)
+        q = eager_norm(apply_rotary_emb(q, cos, sin), attn.query_layernorm.weight).to(dtype)
+        k = eager_norm(apply_rotary_emb(k, cos, sin), attn.key_layernorm.weight).to(dtype)
         return q, k, v
 
     def eager_router(logits):
-        return select_experts(logits, a.top_k, True)
+        probs = torch.softmax(logits.float(), dim=-1)
+        w, ids = torch.topk(probs, a.top_k, dim=-1)
+        return w / w.sum(dim=-1, keepdim=True), ids
 
     cases = [
         ("rms_norm", eager_rms_norm, lambda x: rms_norm(x, weight, eps), (x,), 2 * S * H * size),

@@ -1,5 +1,6 @@
-"""The fused ops (omni_ep.layers.fused_ops) against the model code they replace: HunyuanImage3RMSNorm,
-split_qkv + apply_rotary_emb + the QK-norms of HunyuanImage3Attention.forward, and select_experts.
+"""The fused ops (omni_ep.layers.fused_ops) against the formulas of the released model, written out here
+(the model calls these ops, so it cannot be their reference): RMSNorm (fp32, cast, then the weight), split_qkv +
+apply_rotary_emb + the fp32 QK-norms, softmax over all experts + top-k + renormalise.
 
 Every case runs twice, each time in a child process (this file run as a script): with TRITON_INTERPRET=1 the
 Triton kernels run under the interpreter; without it the ops take their torch path. triton.jit reads
@@ -78,7 +79,7 @@ def _case_rms_norm(gen, shape, dtype, weight_dtype=None, strided=False):
     x = torch.randn(*shape[:-1], C + 7 * strided, generator=gen)[..., :C].to(dtype)
     norm = _model_rms_norm(C, dtype, gen, weight_dtype)
     out = rms_norm(x, norm.weight.detach(), EPS)
-    ref = norm(x).detach()
+    ref = _weight_after_cast(norm.weight.detach(), x.float(), dtype)
     return {"triton": runs_triton(x), **_errors(out, ref, _weight_before_cast(norm, x))}
 
 
@@ -93,7 +94,7 @@ def _case_add_rms_norm(gen, shape, dtype):
     return {
         "triton": runs_triton(x),
         "exact": {"h_equals_x_plus_residual": torch.equal(h, h_ref)},
-        **_errors(out, norm(h_ref).detach(), _weight_before_cast(norm, h_ref)),
+        **_errors(out, _weight_after_cast(norm.weight.detach(), h_ref.float(), dtype), _weight_before_cast(norm, h_ref)),
     }
 
 
@@ -134,8 +135,9 @@ def _case_rope_qk_norm(gen, B, S, num_kv_heads, group_size, head_dim, dtype, per
 
     q_model, k_model, v_model = attn.split_qkv(qkv)
     q_rot, k_rot = apply_rotary_emb(q_model, cos, sin), apply_rotary_emb(k_model, cos, sin)
-    q_ref = attn.query_layernorm(q_rot).to(dtype).detach()
-    k_ref = attn.key_layernorm(k_rot).to(dtype).detach()
+    # The QK-norm of an fp32 input: normalised and weighted in fp32, one cast to the model dtype.
+    q_ref = _weight_before_cast(attn.query_layernorm, q_rot).to(dtype)
+    k_ref = _weight_before_cast(attn.key_layernorm, k_rot).to(dtype)
 
     q, k, v = rope_qk_norm(
         qkv, cos, sin, attn.query_layernorm.weight.detach(), attn.key_layernorm.weight.detach(), EPS,
@@ -162,8 +164,13 @@ def _weight_after_cast(weight, r, dtype):
     return weight * (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + EPS)).to(dtype)
 
 
+def _select_experts(logits, K, renormalize):
+    """HunyuanImage-3.0's routing: softmax over all experts in fp32, top-k, renormalise."""
+    weights, ids = torch.topk(torch.softmax(logits.float(), -1), K, dim=-1)
+    return (weights / weights.sum(-1, keepdim=True) if renormalize else weights), ids
+
+
 def _case_router(gen, T, E, K, renormalize=True, ties=False):
-    from omni_ep.layers.fused_moe.router import select_experts
     from omni_ep.layers.fused_ops.backend import runs_triton
     from omni_ep.layers.fused_ops.router_topk import router_topk
 
@@ -172,7 +179,7 @@ def _case_router(gen, T, E, K, renormalize=True, ties=False):
     else:
         logits = 4 * torch.randn(T, E, generator=gen)
     weights, ids = router_topk(logits, K, renormalize)
-    weights_ref, ids_ref = select_experts(logits, K, renormalize)
+    weights_ref, ids_ref = _select_experts(logits, K, renormalize)
     sorted_probs, lowest_id_first = torch.sort(torch.softmax(logits, -1), dim=-1, descending=True, stable=True)
     result = {
         "triton": runs_triton(logits),
