@@ -94,8 +94,7 @@ def main() -> None:
         sync()
         window_us = (time.perf_counter() - t0) * 1e6
     report = breakdown(prof, window_us)
-    graph = getattr(pipe, "last_cuda_graph", None)
-    report["cuda_graph"] = None if graph is None else (graph.captured, graph.error)
+    report["cuda_graph"] = getattr(pipe, "cuda_graph_status", None)
     reports = world.all_gather_object(report)
     if state.rank == 0:
         meta = run_meta(args, pipe, load_s)

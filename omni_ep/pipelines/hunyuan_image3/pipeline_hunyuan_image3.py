@@ -70,7 +70,9 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
         self.generation_config = generation_config or {}
         self.cuda_graphs = True  # on CUDA, the cached steps replay one captured graph (see cuda_graph.py)
-        self.last_cuda_graph: CachedStepGraph | None = None
+        # (captured, why not) of the last generation's graph; the graph itself is freed when its generation
+        # ends (a captured collective must not outlive it: its communicator could not be torn down).
+        self.cuda_graph_status: tuple[bool, str | None] | None = None
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -247,7 +249,7 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
                 return self.transformer(latents_BChw, t_B, image_slice, inputs.timestep_index, kv_cache=kv_cache)
 
         graphed = self.cuda_graphs and self.device.type == "cuda"
-        step_fn = CachedStepGraph(cached_step) if graphed else cached_step
+        step_fn = CachedStepGraph(cached_step, self.all_ranks_ok) if graphed else cached_step
         latents = latents.to(self.device)
         with self.progress_bar(total=num_inference_steps) as progress:
             for step, t in enumerate(timesteps):
@@ -268,8 +270,13 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
                     out = callback(self, step, t, {"latents": latents}) or {}
                     latents = out.get("latents", latents)
                 progress.update()
-        self.last_cuda_graph = step_fn if graphed else None
+        self.cuda_graph_status = (step_fn.captured, step_fn.error) if graphed else None
         return latents
+
+    def all_ranks_ok(self, ok: bool) -> bool:
+        """True when ``ok`` on every rank (one small all-reduce over the world)."""
+        failed = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        return get_world_group().all_reduce(failed).item() == 0
 
     @staticmethod
     def moe_token_bounds(first_tokens: int, cached_tokens: int) -> tuple[int, int]:
