@@ -43,21 +43,28 @@ class HunyuanVAEGroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters) over [B, C, T, h, w] in any memory layout, or over a band of rows.
 
     Contiguous whole tensors use F.group_norm. Otherwise the statistics per (batch, group) over (C/G, T, h, w)
-    are taken in fp32 (over the band's own rows, merged over its ranks), and x * scale + shift is applied in
-    one pass in x's layout.
+    take two passes over x (over the band's own rows, each pass's sums all-reduced over the band's ranks):
+    the mean, then the second moment about it (no sum-of-squares cancellation), summed per channel in fp32
+    and per group in fp64; x * scale + shift is then applied in one pass, in x's layout.
     """
 
     def forward(self, x: torch.Tensor, band: HunyuanVAEBand | None = None) -> torch.Tensor:
         if band is None and x.is_contiguous():
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        G = self.num_groups
+        G, per_group = self.num_groups, x.shape[1] // self.num_groups
+        all_reduce = (lambda t: t) if band is None else band.group.all_reduce
         rows = x if band is None else band.own_rows(x)
-        var_BG, mean_BG = torch.var_mean(rows.float().unflatten(1, (G, -1)), dim=(2, 3, 4, 5), correction=0)
-        if band is not None:
-            mean_BG, var_BG = band.merge_moments(rows[0].numel() // G, mean_BG, var_BG)
-        rstd_BC = (var_BG.float() + self.eps).rsqrt().repeat_interleave(x.shape[1] // G, dim=1)
-        scale_BC = rstd_BC * self.weight
-        shift_BC = self.bias - mean_BG.float().repeat_interleave(x.shape[1] // G, dim=1) * scale_BC
+
+        def group_sums(t_BCThw):  # [B, G] fp64
+            return t_BCThw.sum((2, 3, 4), dtype=torch.float32).unflatten(1, (G, per_group)).double().sum(-1)
+
+        count_BG = all_reduce(torch.full((x.shape[0], G), rows[0, :per_group].numel(), dtype=torch.float64,
+                                         device=x.device))
+        mean_BC = (all_reduce(group_sums(rows)) / count_BG).repeat_interleave(per_group, dim=1).float()
+        centred = rows - mean_BC[:, :, None, None, None]  # fp32
+        var_BC = (all_reduce(group_sums(centred.square_())) / count_BG).repeat_interleave(per_group, dim=1).float()
+        scale_BC = (var_BC + self.eps).rsqrt() * self.weight
+        shift_BC = self.bias - mean_BC * scale_BC
         scale, shift = (t[:, :, None, None, None] for t in (scale_BC, shift_BC))
         # fp32 math stored in x.dtype in one pass; out= has no autograd, so under grad mode it is two passes.
         out = None if torch.is_grad_enabled() else torch.empty_like(x)

@@ -9,9 +9,9 @@ its own latent rows (row_chunk of the latent height) plus a halo, and decodes th
   and each conv moves the wrong rows one row inwards (an upsample doubles them). The halo at the start of every
   level is the number of rows the rest of the decoder can spoil (`band_halos`, read from the module structure),
   so the own rows stay exact, and after every upsample the window is cut back to its own rows plus that halo;
-- every GroupNorm takes its statistics over the whole tensor: each rank reduces its OWN rows only (never a halo
-  row, which another rank owns), the per-rank (count, mean, M2) are all-gathered and merged (Chan et al.), and
-  every row of the window, halo included, is normalised with the global statistics;
+- every GroupNorm takes its statistics over the whole tensor: each rank sums its OWN rows only (never a halo
+  row, which another rank owns) and the sums are all-reduced, once for the mean and once for the second moment
+  about it; every row of the window, halo included, is then normalised with these global statistics;
 - the own rows of the last frame are all-gathered into the image.
 """
 
@@ -91,19 +91,6 @@ class HunyuanVAEBand:
         s = self._scale(x)
         start = self.window(s)[0]
         return x[..., self.own_start * s - start : self.own_stop * s - start, :]
-
-    def merge_moments(self, count: int, mean_BG: torch.Tensor, var_BG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, biased variance) [B, G] of this rank's own rows -> those of every rank's rows together.
-
-        One all-gather of [count, mean, M2 = count * var] in fp64; every rank merges the same numbers in the same
-        order: mean = sum(n_r mean_r) / n, M2 = sum(M2_r + n_r (mean_r - mean)^2) (no sum-of-squares cancellation).
-        """
-        local = torch.stack([torch.full_like(mean_BG, count), mean_BG, var_BG * count], dim=-1).double()
-        n_r, mean_r, m2_r = self.group.all_gather(local.unsqueeze(0), dim=0).unbind(-1)  # each [ranks, B, G]
-        n = n_r.sum(0)
-        mean = (n_r * mean_r).sum(0) / n
-        m2 = (m2_r + n_r * (mean_r - mean).square()).sum(0)
-        return mean, m2 / n
 
     def gather_image(self, image_BCrc: torch.Tensor) -> torch.Tensor:
         """Own rows [B, C, own rows * s, cols] of every rank -> the whole image [B, C, height * s, cols]."""

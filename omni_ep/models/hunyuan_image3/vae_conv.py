@@ -8,7 +8,7 @@ end meet the zero padding and add nothing. So:
   input channels. On a T = 1 input only the middle tap is real: a conv2d with weight[:, :, p], no copy.
 - every frame of a T > 1 input, two formulations of the same products (summed in another order, so fp32 results
   differ by ~1e-7 relative):
-  "conv3d": F.conv3d (cuDNN / oneDNN 3D kernels);
+  "conv3d": F.conv3d (cuDNN's 3D kernels; on CPU oneDNN's, called directly);
   "stacked_conv2d": the K taps of every output frame stacked as K*C input channels (zeros past the ends),
   [B*T, K*C, h, w], against the weight permuted to [C_out, K*C, k_h, k_w]: one conv2d over all B*T frames.
 Which one is faster depends on the device and the shapes: benchmarks/bench_vae.py measures it.
@@ -27,7 +27,7 @@ TIME_CONVS = ("conv3d", "stacked_conv2d")
 
 # (time_conv, channels_last) of the decoder when none is set, per device type: the fastest whole decode that
 # benchmarks/bench_vae.py measured there; other devices get the plain ("conv3d", False).
-PREFERRED_KERNELS = {"cpu": ("stacked_conv2d", False)}
+PREFERRED_KERNELS = {"cpu": ("conv3d", True)}
 
 
 def preferred_kernels(device: torch.device) -> tuple[str, bool]:
@@ -89,7 +89,11 @@ def conv3d_frames(
     if T == 1 or last_frame_only:
         return _frame_conv2d(x, weight, bias, T - 1)
     if time_conv == "conv3d":
-        return F.conv3d(x, weight, bias, padding=tuple(k // 2 for k in weight.shape[2:]))
+        padding = [k // 2 for k in weight.shape[2:]]
+        if x.is_cpu and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            # F.conv3d sends fp32 CPU inputs with B*C*T*h <= 20480 to an im2col kernel 3-8x slower than oneDNN's.
+            return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, [1, 1, 1], [1, 1, 1], 1)
+        return F.conv3d(x, weight, bias, padding=padding)
     if time_conv == "stacked_conv2d":
         return _stacked_conv2d(x, weight, bias)
     raise ValueError(f"time_conv must be one of {TIME_CONVS}, got {time_conv!r}")
