@@ -25,9 +25,11 @@ import torch.nn.functional as F
 
 TIME_CONVS = ("conv3d", "stacked_conv2d")
 
-# (time_conv, channels_last) of the decoder when none is set, per device type: the fastest whole decode that
-# benchmarks/bench_vae.py measured there; other devices get the plain ("conv3d", False).
-PREFERRED_KERNELS = {"cpu": ("conv3d", True)}
+# (time_conv, channels_last) of the decoder when none is set, per device type, from benchmarks/bench_vae.py;
+# other devices get ("conv3d", False). CPU: oneDNN's conv3d beats the stacked conv2d at every conv of the tiny
+# decoder; channels-last saves ~5% there but doubles the real decoder's time at small latents (per-call weight
+# reorders), so contiguous.
+PREFERRED_KERNELS = {"cpu": ("conv3d", False)}
 
 
 def preferred_kernels(device: torch.device) -> tuple[str, bool]:
