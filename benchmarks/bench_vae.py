@@ -133,29 +133,32 @@ def per_conv_table(decoder, latents, rounds: int, sync) -> list[dict]:
 def main() -> None:
     args = parse_args()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    init_parallel_state(ParallelConfig(data_parallel_size=world_size), backend="gloo" if args.device == "cpu" else None)
+    state = init_parallel_state(ParallelConfig(data_parallel_size=world_size),
+                                backend="gloo" if args.device == "cpu" else None)
     group = get_world_group()
-    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    device = state.device if args.device == "cuda" else torch.device("cpu")
+    if device.type != args.device:
+        raise SystemExit(f"--device {args.device}: none here")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     size = args.size or (256 if args.tiny else 1024)
-    torch.backends.cudnn.benchmark = True
     lead = group.rank == 0
 
     torch.manual_seed(0)  # the same weights and latents on every rank
     with torch.device(device):
-        decoder = HunyuanVAEDecoder(**(TINY_VAE if args.tiny else {})).eval()
+        decoder = HunyuanVAEDecoder(**(TINY_VAE if args.tiny else {})).eval().to(dtype)
     latents = torch.randn(1, decoder.latent_channels, size // 16, size // 16, device=device)
     sync = make_sync(device, group)
 
     with torch.no_grad():
-        torch.backends.cudnn.benchmark, tf32 = False, torch.backends.cudnn.allow_tf32
+        # The truth for PSNR: the same (rounded) weights, every op in fp32, TF32 off.
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        image_fp32 = reference_image(decoder, latents, torch.float32)  # the truth for PSNR
-        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = tf32, True
-        decoder = decoder.to(dtype)
+        image_fp32 = reference_image(decoder, latents, torch.float32)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True
         images = {"reference": reference_image(decoder, latents, dtype)}
         fns = {"reference": lambda: reference_image(decoder, latents, dtype)}
         settings = {f"{tc}/{layout}": (tc, cl) for tc in TIME_CONVS for layout, cl in LAYOUTS.items()}

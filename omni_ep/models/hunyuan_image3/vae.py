@@ -58,9 +58,10 @@ class HunyuanVAEGroupNorm(nn.GroupNorm):
         def group_sums(t_BCThw):  # [B, G] fp64
             return t_BCThw.sum((2, 3, 4), dtype=torch.float32).unflatten(1, (G, per_group)).double().sum(-1)
 
-        count_BG = all_reduce(torch.full((x.shape[0], G), rows[0, :per_group].numel(), dtype=torch.float64,
-                                         device=x.device))
-        mean_BC = (all_reduce(group_sums(rows)) / count_BG).repeat_interleave(per_group, dim=1).float()
+        sums_BG = group_sums(rows)
+        count_BG = torch.full_like(sums_BG, rows[0, :per_group].numel())
+        sums_BG, count_BG = all_reduce(torch.stack([sums_BG, count_BG])).unbind(0)
+        mean_BC = (sums_BG / count_BG).repeat_interleave(per_group, dim=1).float()
         centred = rows - mean_BC[:, :, None, None, None]  # fp32
         var_BC = (all_reduce(group_sums(centred.square_())) / count_BG).repeat_interleave(per_group, dim=1).float()
         scale_BC = (var_BC + self.eps).rsqrt() * self.weight
