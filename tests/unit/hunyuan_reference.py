@@ -145,8 +145,9 @@ def reference_velocity(config, W, input_ids, latents, timestep, image_slice, tim
 
 
 def reference_vae_decode(W: dict[str, torch.Tensor], z: torch.Tensor, ffactor_temporal: int) -> torch.Tensor:
-    """z [B, C, T, h, w] -> every frame [B, 3, T * ffactor_temporal, 16h, 16w] (for a 4-level upsampler), section 6:
-    every conv an F.conv3d over all frames, W the ``vae.decoder.*`` tensors without that prefix (any device, dtype)."""
+    """z [B, C, T, h, w] -> every frame [B, 3, T * ffactor_temporal, h * 2^u, w * 2^u] (u upsampling levels), as
+    section 6 says: every conv an F.conv3d over all frames, F.group_norm, the attention written out; W the
+    ``vae.decoder.*`` tensors without that prefix (any device and dtype)."""
 
     def conv(x, name):
         weight = W[f"{name}.weight"]

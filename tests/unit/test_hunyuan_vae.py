@@ -19,14 +19,6 @@ from tests.unit.hunyuan_reference import reference_vae_decode
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small convs run fastest on one thread, and two threads crawl when another process shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 REAL_VAE_CONFIG = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 32, "block_out_channels": [128, 256, 512, 1024, 1024],
     "layers_per_block": 2, "ffactor_spatial": 16, "ffactor_temporal": 4, "scaling_factor": 0.562679178327931,
@@ -39,6 +31,15 @@ KERNELS = [(time_conv, channels_last) for time_conv in TIME_CONVS for channels_l
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These small convs run fastest on one thread, and two threads crawl when another process shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_real_config_keys_shapes_and_output_shape():
@@ -138,6 +139,8 @@ def test_bad_configs_and_inputs():
     decoder = HunyuanVAEDecoder(**TINY)
     with pytest.raises(ValueError, match="time axis"):
         decoder(torch.randn(1, 32, 4, 4))
+    with pytest.raises(ValueError, match="time_conv"):
+        decoder.set_kernels("fft")
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 4])
@@ -226,14 +229,16 @@ class EdgePoisonedBand(HunyuanVAEBand):
     poison_scale: int = 0
 
     def enter(self, x, rows_start):
-        x = super().enter(x, rows_start).clone()
+        x = super().enter(x, rows_start)
         s = self._scale(x)
+        if s != self.poison_scale:
+            return x
         start, stop = self.window(s)
-        if s == self.poison_scale:
-            if start > 0:
-                x[..., 0, :] = float("nan")
-            if stop < self.height * s:
-                x[..., -1, :] = float("nan")
+        x = x.clone()
+        if start > 0:
+            x[..., 0, :] = float("nan")
+        if stop < self.height * s:
+            x[..., -1, :] = float("nan")
         return x
 
 

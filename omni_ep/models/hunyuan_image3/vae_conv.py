@@ -5,7 +5,7 @@ Shape legend: B batch, C / C_out channels, T frames, h x w spatial size, K = k_t
 Output frame t is the sum over taps j of conv2d(x[:, :, t + j - p], weight[:, :, j]); taps that fall past either
 end meet the zero padding and add nothing. So:
 - one output frame (a T = 1 input, or only the last frame wanted): ONE conv2d over its real taps stacked as
-  input channels. On a T = 1 input only the middle tap is real: a conv2d with weight[:, :, p], no copy.
+  input channels. On a T = 1 input only the middle tap is real: a conv2d with weight[:, :, p] (x not copied).
 - every frame of a T > 1 input, two formulations of the same products (summed in another order, so fp32 results
   differ by ~1e-7 relative):
   "conv3d": F.conv3d (cuDNN's 3D kernels; on CPU oneDNN's, called directly);
