@@ -131,6 +131,7 @@ def per_conv_table(decoder, latents, rounds: int, sync) -> list[dict]:
 
 
 def main() -> None:
+    started = time.perf_counter()
     args = parse_args()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     state = init_parallel_state(ParallelConfig(data_parallel_size=world_size),
@@ -193,6 +194,7 @@ def main() -> None:
         for row in per_conv:
             cells = "  ".join(f"{name} {t:7.2f}" for name, t in row["ms"].items())
             print(f"conv {str(tuple(row['input'])):<28} -> {row['weight'][0]:>5} ch: {cells} ms  best {row['best']}")
+        print(f"total {time.perf_counter() - started:.0f} s")
     if lead and args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
