@@ -206,11 +206,17 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         all_latents = self.prepare_latents(len(prompts), latent_shape, seed, generator)
 
         results = []
+        # Without DP every rank holds the same final latents: all of them decode, a band of the image each.
+        decode_group = get_world_group() if dp_group.world_size == 1 else None
         for r, index in enumerate(schedule):
             keep = r < len(mine)
             latents = self.denoise(prompts[index], all_latents[index], height, width, num_inference_steps,
                                    guidance_scale, shift, callback_on_step_end)
-            if keep and tp_group.rank == 0 and cfg_group.rank == 0:
+            if decode_group is not None and output_type != "latent":
+                image = self.decode(latents, output_type, decode_group)
+                if keep and tp_group.rank == 0 and cfg_group.rank == 0:
+                    results.append((index, image))
+            elif keep and tp_group.rank == 0 and cfg_group.rank == 0:
                 results.append((index, self.decode(latents, output_type)))
 
         # 4. gather every prompt's result on rank 0
@@ -286,9 +292,10 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         return max(a for a, _ in sizes), max(b for _, b in sizes)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, output_type: str):
-        """latents [1, C, h, w] fp32 -> np [1, H, W, 3] / pt [1, 3, H, W] in [0, 1] / the latents themselves."""
+    def decode(self, latents: torch.Tensor, output_type: str, group=None):
+        """latents [1, C, h, w] fp32 -> np [1, H, W, 3] / pt [1, 3, H, W] in [0, 1] / the latents themselves.
+        group: every rank of it calls with the same latents and decodes a band (vae.decode_latents)."""
         if output_type == "latent":
             return latents.cpu()
-        image = decode_latents(self.vae, latents, self.transformer.config.vae.scaling_factor).cpu()
+        image = decode_latents(self.vae, latents, self.transformer.config.vae.scaling_factor, group).cpu()
         return image if output_type == "pt" else image.permute(0, 2, 3, 1).numpy()
