@@ -29,7 +29,7 @@ TIME_CONVS = ("conv3d", "stacked_conv2d")
 # other devices get ("conv3d", False). CPU: oneDNN's conv3d beats the stacked conv2d at every conv of the tiny
 # decoder; channels-last saves ~5% there but doubles the real decoder's time at small latents (per-call weight
 # reorders), so contiguous.
-PREFERRED_KERNELS = {"cpu": ("conv3d", False)}
+PREFERRED_KERNELS = {"cpu": ("conv3d", False), "cuda": ("conv3d", True)}  # benchmarks/results/vae_h200.json
 
 
 def preferred_kernels(device: torch.device) -> tuple[str, bool]:
