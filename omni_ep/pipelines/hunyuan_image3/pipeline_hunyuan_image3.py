@@ -265,6 +265,7 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
             input_ids = input_ids[cfg_group.rank : cfg_group.rank + 1]  # this rank's branch
         rows = input_ids.shape[0]
         image_slice = slice(*inputs.image_slice)
+        # cached steps run the meta slots (<timestep> [<guidance>] [<timestep_r>]) and the image, per row
         first_bound, cached_bound = self.moe_token_bounds(rows * input_ids.shape[1],
                                                           rows * (image_slice.stop - inputs.timestep_index))
         scheduler, timesteps = make_scheduler(num_inference_steps, shift, device=self.device)
