@@ -6,6 +6,9 @@ memory per rank, in one process or under torchrun; and compare its output with a
     # the full-size model with dummy weights, CFG2 + EP2 on two GPUs, 50 steps
     torchrun --nproc-per-node 2 benchmarks/bench_pipeline.py --model real-dummy --layers 32 --steps 50 \
         --cfg-parallel-size 2 --enable-expert-parallel --all2all-backend all2all --json out.json
+    # Instruct-Distil at full size, 8 steps, DP2 + EP2 with two prompts (seconds per image = call / prompts)
+    torchrun --nproc-per-node 2 benchmarks/bench_pipeline.py --model real-dummy --variant instruct-distil \
+        --layers 32 --steps 8 --data-parallel-size 2 --enable-expert-parallel --num-prompts 2
     # the same run of another version of the package (benchmarks/make_baseline_package.sh), output saved, then
     # this version compared with it
     PYTHONPATH=.ab_base python benchmarks/bench_pipeline.py --package omni_ep_base ... --save-output ref.pt
@@ -38,6 +41,9 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--package", default="omni_ep", help="the package to run (omni_ep, or a baseline copy)")
     p.add_argument("--model", default="tiny", help='"tiny", "real-dummy", or a checkpoint folder')
     p.add_argument("--layers", type=int, default=4, help="real-dummy: number of decoder layers")
+    p.add_argument("--variant", default="base", choices=["base", "instruct", "instruct-distil"],
+                   help="tiny / real-dummy: which released checkpoint's layout (Instruct-Distil: guidance_emb, "
+                        "timestep_r_emb, one row per prompt)")
     p.add_argument("--num-experts", type=int, default=64, help="real-dummy: experts per layer")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
@@ -53,16 +59,24 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts-backend", default=None, help="local-experts implementation (default: the platform's)")
 
 
-def make_model_dir(pkg: str, kind: str, layers: int, num_experts: int, directory: str) -> tuple[str, str]:
-    """(checkpoint folder, load_format) for "tiny" or "real-dummy" (real config.json, fewer layers)."""
+def make_model_dir(pkg: str, kind: str, layers: int, num_experts: int, directory: str,
+                   variant: str = "base") -> tuple[str, str]:
+    """(checkpoint folder, load_format) for "tiny" or "real-dummy" (real config.json, fewer layers), in the layout
+    of ``variant`` (the Instruct ones need a package that knows them)."""
+    tiny = importlib.import_module(f"{pkg}.models.hunyuan_image3.make_tiny_checkpoint")
     if kind == "tiny":
-        return importlib.import_module(f"{pkg}.models.hunyuan_image3.make_tiny_checkpoint").write_tiny_checkpoint(directory), "safetensors"
+        config = None if variant == "base" else tiny.tiny_config(variant=variant)
+        return tiny.write_tiny_checkpoint(directory, config=config), "safetensors"
     if kind != "real-dummy":
         return kind, "safetensors"
     config_cls = importlib.import_module(f"{pkg}.models.hunyuan_image3.configuration").HunyuanImage3Config
+    flags = {} if variant == "base" else dict(cfg_distilled=variant == "instruct-distil",
+                                              use_meanflow=variant == "instruct-distil",
+                                              model_version="HunyuanImage-3.0-Instruct")
     config = config_cls(num_hidden_layers=layers, num_experts=num_experts, moe_topk=[8] * layers,
-                        moe_intermediate_size=[3072] * layers, num_shared_expert=[1] * layers)
-    importlib.import_module(f"{pkg}.models.hunyuan_image3.tokenization").write_tiny_tokenizer(directory)
+                        moe_intermediate_size=[3072] * layers, num_shared_expert=[1] * layers, **flags)
+    tokenization = importlib.import_module(f"{pkg}.models.hunyuan_image3.tokenization")
+    tokenization.write_tiny_tokenizer(directory, **({} if variant == "base" else dict(instruct=True)))
     config.to_json_file(os.path.join(directory, "config.json"))
     return directory, "dummy"
 
@@ -78,7 +92,8 @@ def load_pipeline(args):
     world = dist.get_world_group()
     path = load_format = None
     if state.rank == 0:
-        path, load_format = make_model_dir(args.package, args.model, args.layers, args.num_experts, tempfile.mkdtemp())
+        path, load_format = make_model_dir(args.package, args.model, args.layers, args.num_experts, tempfile.mkdtemp(),
+                                           args.variant)
     path, load_format = world.all_gather_object((path, load_format))[0]
     pipelines = importlib.import_module(f"{args.package}.pipelines")
     t0 = time.perf_counter()
@@ -102,7 +117,7 @@ def run_meta(args, pipe, load_s) -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return dict(date=datetime.date.today().isoformat(), device=device, torch=torch.__version__,
                 package=args.package, layout=importlib.import_module(f"{args.package}.distributed").get_parallel_config().describe(),
-                model=args.model, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, experts=cfg.num_experts,
+                model=args.model, variant=args.variant, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, experts=cfg.num_experts,
                 height=args.height, width=args.width, guidance=args.guidance_scale, dtype=args.dtype, load_s=load_s,
                 cuda_graph=not args.no_cuda_graph, overlap_chunks=args.overlap_chunks,
                 tf32=torch.backends.cuda.matmul.allow_tf32)
@@ -117,6 +132,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_layout_args(p)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--num-prompts", type=int, default=1,
+                   help="prompts of the timed call (several for DP); s/image = the call's seconds / prompts")
     p.add_argument("--json", default=None)
     p.add_argument("--save-output", default=None, help="rank 0 saves the final latents and images of two prompts")
     p.add_argument("--compare-output", default=None, help="rank 0 compares its latents and images with this file")
@@ -136,14 +153,16 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         timer.start()
-        pipe("a cup of coffee on the table", num_inference_steps=args.steps, callback_on_step_end=timer, **call)
+        prompts = [f"a cup of coffee on the table, view {i}" for i in range(args.num_prompts)]
+        pipe(prompts, num_inference_steps=args.steps, callback_on_step_end=timer, **call)
         if on_cuda:
             torch.cuda.synchronize()
         total = time.perf_counter() - timer.started
         steps = timer.step_seconds
         later = steps[1:] or steps
         graph = getattr(pipe, "cuda_graph_status", None)
-        row = dict(image_s=total, first_step_s=steps[0], later_step_s=sum(later) / len(later),
+        row = dict(image_s=total / args.num_prompts, call_s=total, prompts=args.num_prompts, first_step_s=steps[0],
+                   later_step_s=sum(later) / len(later),
                    decode_and_rest_s=total - (timer.ends[-1] - timer.started),
                    peak_memory_gib_per_rank=world.all_gather_object(step_timer.peak_memory_gib(state.device)),
                    cuda_graph_captured=None if graph is None else graph[0],
@@ -170,11 +189,12 @@ def main() -> None:
 
     if state.rank == 0:
         meta = run_meta(args, pipe, load_s) | dict(steps=args.steps)
-        print(f"{meta['device']} | {meta['layout']} | {args.package} {args.model}: {meta['layers']} layers, "
+        print(f"{meta['device']} | {meta['layout']} | {args.package} {args.model} ({args.variant}): {meta['layers']} layers, "
               f"{args.height}x{args.width}, {args.steps} steps, {args.dtype}, load {load_s:.1f} s")
         if row is not None:
-            print(f"{'s/image':>8s} {'step 0 s':>9s} {'later s/step':>13s} {'decode+rest s':>14s}  graph  peak GiB/rank")
-            print(f"{row['image_s']:8.2f} {row['first_step_s']:9.3f} {row['later_step_s']:13.4f} "
+            print(f"{'s/image':>8s} {'prompts':>7s} {'step 0 s':>9s} {'later s/step':>13s} {'decode+rest s':>14s}  graph  "
+                  "peak GiB/rank")
+            print(f"{row['image_s']:8.2f} {row['prompts']:7d} {row['first_step_s']:9.3f} {row['later_step_s']:13.4f} "
                   f"{row['decode_and_rest_s']:14.3f}  {row['cuda_graph_captured']!s:5s}  "
                   f"{[round(x, 1) for x in row['peak_memory_gib_per_rank']]}")
             if row["cuda_graph_error"]:

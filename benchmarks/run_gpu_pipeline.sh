@@ -3,6 +3,7 @@
 #   bash benchmarks/run_gpu_pipeline.sh check     # exactness and agreement (about 6 min)
 #   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 9 min)
 #   bash benchmarks/run_gpu_pipeline.sh profile   # the kernel-time breakdown, previous commit and this one (about 4 min)
+#   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (not run yet)
 # Carry .whl (the diffusers wheel, benchmarks/README.md) and, for "check", .ab_base (make_baseline_package.sh:
 # the previous commit's package, whose outputs this one must match). Logs and JSON go to $OUT.
 set -uo pipefail
@@ -47,6 +48,18 @@ layouts)
   run tp2_ep2_all2all --tensor-parallel-size 2 $EP --all2all-backend all2all
   run tp2_ep2_allgather_reducescatter --tensor-parallel-size 2 $EP --all2all-backend allgather_reducescatter
   run tp2_no_ep --tensor-parallel-size 2
+  ;;
+distil)
+  # Instruct-Distil (dummy weights, 32 layers, 1024x1024, bf16, 8 steps): s/image with the VAE decode, peak memory
+  # per rank. One row per prompt, so no CFG parallel: TP2 + EP2 on one prompt, DP2 + EP2 on two (one per rank).
+  DISTIL="--model real-dummy --variant instruct-distil --layers 32 --height 1024 --width 1024 --steps 8"
+  run() { name=$1; shift; echo "== distil $name"; $T2 $DISTIL "$@" --json "$OUT/distil_2xh200_$name.json" 2>&1 | tail -3; }
+  run tp2_ep2_allgather_reducescatter --tensor-parallel-size 2 $EP --all2all-backend allgather_reducescatter
+  run tp2_ep2_all2all --tensor-parallel-size 2 $EP --all2all-backend all2all
+  run dp2_ep2_allgather_reducescatter --data-parallel-size 2 $EP --all2all-backend allgather_reducescatter --num-prompts 2
+  run dp2_ep2_all2all --data-parallel-size 2 $EP --all2all-backend all2all --num-prompts 2
+  # Sequence parallel (issue 15, another branch): once bench_pipeline.py takes --ulysses-degree, add
+  # run sp2_ep2_all2all --ulysses-degree 2 $EP --all2all-backend all2all
   ;;
 profile)
   # The steady state: cached steps 3..11, replayed as a graph (before: the previous commit's package, .ab_base).

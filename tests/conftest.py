@@ -11,6 +11,15 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return write_tiny_checkpoint(os.fspath(tmp_path_factory.mktemp("tiny-hunyuan-image3")))
 
 
+@pytest.fixture(scope="session")
+def tiny_distil_checkpoint(tmp_path_factory) -> str:
+    """The tiny HunyuanImage-3.0-Instruct-Distil checkpoint (released layout), written once per session."""
+    from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import tiny_config, write_tiny_checkpoint
+
+    path = os.fspath(tmp_path_factory.mktemp("tiny-hunyuan-image3-instruct-distil"))
+    return write_tiny_checkpoint(path, config=tiny_config(variant="instruct-distil"))
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_parallel_state():
     """The parallel state is per process: a test that made one (directly, or through a loader that makes the

@@ -5,7 +5,8 @@
 
 With no --model it uses a tiny random-weight checkpoint in the released layout, written on first use into
 $OMNI_EP_CACHE (default ~/.cache/omni_ep). Prints the layout, seconds per step and peak memory per rank,
-and writes a PNG (rank 0).
+and writes a PNG (rank 0). The checkpoint's variant (base, Instruct, Instruct-Distil) comes from its config.json
+and generation_config.json, and so do the defaults of steps and guidance.
 """
 
 from __future__ import annotations
@@ -31,8 +32,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default="text_to_image.png", help="PNG path; with several prompts _0, _1, ... are added")
     p.add_argument("--height", type=int, default=None, help="default: the model's image_base_size")
     p.add_argument("--width", type=int, default=None, help="default: the model's image_base_size")
-    p.add_argument("--num-inference-steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--num-inference-steps", type=int, default=None,
+                   help="default: the checkpoint's generation_config.json (50; 8 for Instruct-Distil)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the checkpoint's generation_config.json")
+    p.add_argument("--system-prompt", default=None,
+                   help="Instruct: the system prompt's text or a preset name (default: the checkpoint's choice; "
+                        "'' for none)")
+    p.add_argument("--recaption", default=None,
+                   help="Instruct: a rewritten prompt, placed in <recaption> as the model's own text stage would "
+                        "(that stage is not part of omni_ep)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--ulysses-degree", type=int, default=1)
@@ -68,6 +76,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from omni_ep.distributed import destroy_parallel_state, get_world_group, init_parallel_state
     from omni_ep.pipelines import HunyuanImage3Pipeline
+    from omni_ep.pipelines.hunyuan_image3.variant import HunyuanImage3Variant
     from omni_ep.pipelines.step_timer import StepTimer, peak_memory_gib
 
     try:
@@ -80,6 +89,8 @@ def main(argv=None) -> int:
             raise NotImplementedError("sequence parallel (--ulysses-degree / --ring-degree > 1) is not supported yet")
         if args.model is not None and not os.path.isdir(args.model):
             raise FileNotFoundError(f"--model {args.model!r}: no such checkpoint folder")
+        if args.model is not None:  # a layout the checkpoint cannot use fails before any process group
+            HunyuanImage3Variant.from_pretrained(args.model).check_parallel_config(config)
         state = init_parallel_state(config)
         model = args.model
         if model is None:
@@ -96,6 +107,8 @@ def main(argv=None) -> int:
         layout = get_world_group().all_gather_object((state.rank, experts.ep_rank, experts.local_expert_ids))
         if state.rank == 0:
             print(f"layout: {config.describe()}, world size {state.world_size}, device {state.device.type}, {dtype}")
+            print(f"model: {pipe.variant.name} ({pipe.variant.template.name} template), "
+                  f"defaults {pipe.variant.num_inference_steps} steps, guidance {pipe.variant.guidance_scale}")
             print(f"experts: {cfg.num_experts} per layer, {experts.local_num_experts} local per rank")
             for rank, ep_rank, ids in layout:
                 print(f"  rank {rank}: ep_rank {ep_rank}, experts {ids}")
@@ -103,7 +116,8 @@ def main(argv=None) -> int:
         timer = StepTimer(state.device)
         start = time.perf_counter()
         out = pipe(args.prompt, height=height, width=width, num_inference_steps=args.num_inference_steps,
-                   guidance_scale=args.guidance_scale, seed=args.seed, callback_on_step_end=timer)
+                   guidance_scale=args.guidance_scale, seed=args.seed, callback_on_step_end=timer,
+                   system_prompt=args.system_prompt, recaption=args.recaption)
         total = time.perf_counter() - start
         steps = timer.step_seconds
         later = steps[1:] or steps

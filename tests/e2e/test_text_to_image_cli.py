@@ -16,12 +16,14 @@ SCRIPT = str(ROOT / "examples" / "text_to_image" / "text_to_image.py")
 PROMPTS = ["a cat sitting on a red chair", "an astronaut riding a horse on the moon at night"]
 COMMON = ["--num-inference-steps", "3", "--seed", "1234", "--dtype", "float32"]
 MIN_PSNR, MIN_SSIM = 45.0, 0.995
+# The script imports omni_ep: this tree's, not whichever checkout is pip-installed.
+TREE = dict(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
 
 
 def run(args, nproc=1, timeout=300, cache=None):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc-per-node={nproc}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **TREE)
     if cache:
         env["OMNI_EP_CACHE"] = cache
     return subprocess.run(launcher + [SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -35,7 +37,7 @@ def run_ranks(args, nproc, timeout=240):
     """
     procs = []
     for rank in range(nproc):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RANK=str(rank), LOCAL_RANK=str(rank),
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **TREE, RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
         procs.append(subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env, cwd=ROOT))

@@ -104,14 +104,21 @@ def rope(x_SD, ys, xs, theta):
     return out
 
 
-def reference_velocity(config, W, input_ids, latents, timestep, image_slice, timestep_index):
-    """velocity [B, C, h, w] of the full sequence, as the reference page describes."""
+def reference_velocity(config, W, input_ids, latents, timestep, image_slice, timestep_index, guidance=None,
+                       timestep_r=None):
+    """velocity [B, C, h, w] of the full sequence, as the reference page describes. Instruct-Distil: guidance G
+    and timestep_r r [B] go through guidance_emb / timestep_r_emb into the slots right after <timestep>."""
     B, C, h, w = latents.shape
     S = input_ids.shape[1]
     D, nh, nkv, Dh = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"], config["attention_head_dim"]
     g, eps = nh // nkv, config["rms_norm_eps"]
     x = W["model.wte.weight"][input_ids].clone()
     x[:, timestep_index] = timestep_embed(timestep, W, "timestep_emb")
+    slot = timestep_index
+    for value, prefix in ((guidance, "guidance_emb"), (timestep_r, "timestep_r_emb")):
+        if value is not None:
+            slot += 1
+            x[:, slot] = timestep_embed(value, W, prefix)
     emb = timestep_embed(timestep, W, "time_embed")
     p = F.conv2d(latents, W["patch_embed.model.0.weight"], W["patch_embed.model.0.bias"], padding=1)
     x[:, image_slice] = resblock(p, emb, W, "patch_embed.model.1").flatten(2).transpose(1, 2)
@@ -190,11 +197,13 @@ def reference_vae_decode(W: dict[str, torch.Tensor], z: torch.Tensor, ffactor_te
 
 
 @functools.cache
-def tiny_checkpoint_path() -> str:
-    """The tiny checkpoint (seed 0), written once per test process into a temporary folder."""
-    from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import write_tiny_checkpoint
+def tiny_checkpoint_path(variant: str = "base") -> str:
+    """The tiny checkpoint (seed 0) of ``variant`` (base, instruct, instruct-distil), written once per test
+    process into a temporary folder."""
+    from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import tiny_config, write_tiny_checkpoint
 
-    return write_tiny_checkpoint(os.path.join(tempfile.mkdtemp(prefix="hunyuan_tiny_"), "ckpt"), seed=0)
+    path = os.path.join(tempfile.mkdtemp(prefix="hunyuan_tiny_"), "ckpt")
+    return write_tiny_checkpoint(path, seed=0, config=tiny_config(variant=variant))
 
 
 def ensure_single_process_state() -> None:

@@ -6,6 +6,7 @@ from transformers import AutoTokenizer
 
 from omni_ep.models.hunyuan_image3.tokenization import (
     HunyuanImage3SpecialTokens,
+    HunyuanImage3Template,
     build_text_to_image_inputs,
     resolution_buckets,
     snap_to_bucket,
@@ -101,3 +102,62 @@ def test_bad_inputs(tokenizer):
         build_text_to_image_inputs(tokenizer, ["a cat"], 64, 64, True, base_size=2048)
     with pytest.raises(ValueError, match="list"):
         build_text_to_image_inputs(tokenizer, "a cat", 64, 64, True)
+
+
+# ---- the Instruct template -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def instruct_tokenizer(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_instruct_tokenizer")
+    write_tiny_tokenizer(directory, instruct=True)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+DISTIL = HunyuanImage3Template("instruct", ("timestep", "guidance", "timestep_r"))
+
+
+def test_instruct_buckets_append_four_and_snap_by_ratio():
+    buckets = DISTIL.buckets(1024)
+    assert len(buckets) == 37 and buckets[:33] == resolution_buckets(1024)  # aligning to 16 changes nothing at 1024
+    assert buckets[33:] == ((1024, 768), (1280, 720), (768, 1024), (720, 1280))  # appended, not re-sorted
+    assert DISTIL.snap(1080, 1920, 1024) == (36, 720, 1280)  # 0.5625 is exactly 720/1280
+    assert DISTIL.snap(1024, 1024, 1024) == (16, 1024, 1024)
+    assert DISTIL.snap(768, 1024, 1024) == (35, 768, 1024)
+    # the base model's 33 buckets: the nearest ratios are 896x1152 (0.778) and 768x1280 (0.600)
+    assert snap_to_bucket(768, 1024) == (14, 896, 1152) and snap_to_bucket(1080, 1920) == (12, 768, 1280)
+    with pytest.raises(ValueError, match="align"):
+        resolution_buckets(64, align=16)
+
+
+def test_instruct_distil_template_known_ids(instruct_tokenizer):
+    """<bos> SYSTEM "\\n\\n" "User: " PROMPT "\\n\\n" "Assistant: " <recaption> R </recaption> <answer>
+    <boi> <img_size_256> <img_ratio_16> <timestep> <guidance> <timestep_r> <img> x 256 <eoi> </answer> "\\n\\n",
+    ids of the tiny tokenizer (seed-free: BPE trained on a fixed corpus)."""
+    out = build_text_to_image_inputs(instruct_tokenizer, ["a cat"], 256, 256, guidance=True, base_size=256,
+                                     template=DISTIL, system_prompt="  be brief\n", recaption="a red cat on a mat")
+    system, sep, user, prompt = [123, 126, 343, 139, 130, 126, 127], [256, 256], [142, 140, 126, 139, 83, 278], [122, 410]
+    assistant, recaption = [353, 140, 130, 140, 141, 320, 141, 83, 278], [122, 400, 410, 331, 314, 278, 134, 354]
+    image_block = [3, 10, 29, 7, 46, 47] + [5] * 256 + [4]
+    cond = [0, *system, *sep, *user, *prompt, *sep, *assistant, 52, *recaption, 53, 48, *image_block, 49, *sep]
+    uncond = [0, *system, *sep, *user, 6, 6, *sep, *assistant, 52, *[6] * 8, 53, 48, *image_block, 49, *sep]
+    assert out.input_ids.tolist() == [cond, uncond] and out.input_ids.shape == (2, 306)
+    assert out.timestep_index == 43 and out.slot_index("guidance") == 44 and out.slot_index("timestep_r") == 45
+    assert out.image_slice == (46, 302) and (out.ratio_index, out.height, out.latent_height) == (16, 256, 16)
+    # per section: "User: " + "a cat" tokenized apart is not the joined string's tokenization
+    assert instruct_tokenizer.encode("User: a cat", add_special_tokens=False) != user + prompt
+
+
+def test_instruct_template_without_system_prompt_or_cot(instruct_tokenizer):
+    instruct = HunyuanImage3Template("instruct")
+    out = build_text_to_image_inputs(instruct_tokenizer, ["a cat"], 256, 256, guidance=False, base_size=256,
+                                     template=instruct, system_prompt="", think="")
+    assert out.input_ids[0, :10].tolist() == [0, 142, 140, 126, 139, 83, 278, 122, 410, 256]
+    assert out.timestep_index == 1 + 6 + 2 + 2 + 9 + 1 + 3 == 24 and out.image_slice == (25, 281)
+    with pytest.raises(ValueError, match="no <guidance> slot"):
+        out.slot_index("guidance")
+    with_think = build_text_to_image_inputs(instruct_tokenizer, ["a cat"], 256, 256, guidance=True, base_size=256,
+                                            template=instruct, think="x", recaption="y")
+    row = with_think.input_ids[0].tolist()
+    assert row[20:28] == [50, *instruct_tokenizer.encode("x", add_special_tokens=False), 51, 52,
+                          *instruct_tokenizer.encode("y", add_special_tokens=False), 53, 48, 3]
+    with pytest.raises(ValueError, match="pretrain template"):
+        build_text_to_image_inputs(instruct_tokenizer, ["a cat"], 256, 256, False, 256, recaption="y")

@@ -4,6 +4,10 @@ The real file stores several MoE fields as per-layer LISTS (``moe_topk: [8]*32``
 ``moe_intermediate_size: [3072]*32``, ``num_shared_expert: [1]*32``); the ``*_at(layer_idx)`` accessors
 accept an int or a list. The head size is ``attention_head_dim`` (not ``head_dim``); the VAE settings live
 in the ``vae`` block.
+
+The Instruct checkpoints add ``cfg_distilled`` and ``use_meanflow`` (both true in Instruct-Distil, false in
+Instruct), ``model_version`` and ``rope_type``; the base file has none of them. Absent fields stay None, so a
+base config.json round-trips unchanged (None reads as false / "2d").
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ PerLayer = int | list[int]
 
 # Fields of the released config.json that text-to-image does not read; kept so a round trip is lossless.
 _PASSTHROUGH = "extra"
+# Fields only the Instruct files carry: not written while None (absent), so the base layout stays as it was.
+_WRITTEN_WHEN_SET = ("cfg_distilled", "use_meanflow", "model_version", "rope_type")
 
 
 @dataclass
@@ -82,6 +88,11 @@ class HunyuanImage3Config:
     model_type: str = "hunyuan_image_3_moe"
     architectures: list[str] = field(default_factory=lambda: ["HunyuanImage3ForCausalMM"])
     vae: HunyuanImage3VAEConfig = field(default_factory=HunyuanImage3VAEConfig)
+    # Instruct / Instruct-Distil (None: absent, as in the base file)
+    cfg_distilled: bool | None = None  # guidance_emb and a <guidance> slot; one row per prompt, no CFG batch
+    use_meanflow: bool | None = None  # timestep_r_emb and a <timestep_r> slot: the model also sees the next time r
+    model_version: str | None = None  # "HunyuanImage-3.0-Instruct" in the Instruct files
+    rope_type: str | None = None  # "2d" (the base 2-D RoPE) is the only one implemented
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -116,6 +127,12 @@ class HunyuanImage3Config:
         return self.vae.latent_channels
 
     @property
+    def meta_slots(self) -> tuple[str, ...]:
+        """The timestep-like slots of the image block, in sequence order right before the image tokens:
+        <timestep> [<guidance>] [<timestep_r>]."""
+        return ("timestep",) + ("guidance",) * bool(self.cfg_distilled) + ("timestep_r",) * bool(self.use_meanflow)
+
+    @property
     def qkv_rows(self) -> int:
         """Rows of ``qkv_proj``: (heads + 2 * kv heads) * head dim, grouped per KV head."""
         return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.attention_head_dim
@@ -148,6 +165,8 @@ class HunyuanImage3Config:
                 f"only img_proj_type='unet' with patch_size=1 is implemented, got {self.img_proj_type!r} / "
                 f"{self.patch_size}"
             )
+        if self.rope_type not in (None, "2d"):
+            raise ValueError(f"only rope_type='2d' (the 2-D RoPE of every release) is implemented, got {self.rope_type!r}")
         if not self.use_mixed_mlp_moe:
             raise ValueError("use_mixed_mlp_moe=false (no shared expert) is not implemented")
         if self.moe_drop_tokens:
@@ -203,5 +222,6 @@ def _from_dict(cls, d: dict[str, Any]):
 
 def _to_dict(obj) -> dict[str, Any]:
     d = {f.name: getattr(obj, f.name) for f in fields(obj) if f.name != _PASSTHROUGH}
+    d = {k: v for k, v in d.items() if not (k in _WRITTEN_WHEN_SET and v is None)}
     d = {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in d.items()}
     return {**getattr(obj, _PASSTHROUGH), **d}

@@ -244,7 +244,8 @@ def load_weights(model: HunyuanImage3Transformer2DModel, checkpoint: Safetensors
         for proj in ("gate_and_up_proj", "down_proj")
     }
 
-    # 1. Names: every parameter present, nothing unknown left over.
+    # 1. Names: the Instruct-Distil embedders iff config.json flags them, every parameter present, nothing unknown.
+    _check_flagged_embedders(config, checkpoint)
     missing = sorted(n for n in plain if n not in checkpoint)
     missing += sorted(n for n in expected_experts if n not in checkpoint)
     if missing:
@@ -306,6 +307,25 @@ def load_weights(model: HunyuanImage3Transformer2DModel, checkpoint: Safetensors
                 param.weight_loader(param, checkpoint.read(ckpt_name, is_expert=True), ckpt_name,
                                     shard_id=shard_id, expert_id=expert_id)
     return checkpoint.stats
+
+
+# config.json flag -> the embedder it builds (Instruct-Distil): the flags are the contract with the weights.
+FLAGGED_EMBEDDERS = {"cfg_distilled": "guidance_emb", "use_meanflow": "timestep_r_emb"}
+
+
+def _check_flagged_embedders(config: HunyuanImage3Config, checkpoint) -> None:
+    for flag, module in FLAGGED_EMBEDDERS.items():
+        stored = any(n.startswith(f"{module}.") for n in checkpoint.names())
+        if stored and not getattr(config, flag):
+            raise CheckpointError(
+                f"{checkpoint.index_path} holds {module}.* but config.json has {flag}={getattr(config, flag)}: "
+                f"an Instruct-Distil checkpoint needs {flag}=true in its config.json"
+            )
+        if getattr(config, flag) and not stored:
+            raise CheckpointError(
+                f"config.json has {flag}=true but {checkpoint.index_path} holds no {module}.* tensors: is this the "
+                f"Instruct-Distil checkpoint? (Instruct and the base model have {flag} false or absent)"
+            )
 
 
 def _full_shape(model: nn.Module, name: str, param: nn.Parameter) -> tuple[int, ...]:

@@ -1,6 +1,7 @@
 """Write a tiny HunyuanImage-3.0 checkpoint in the released layout, for CPU tests.
 
     python -m omni_ep.models.hunyuan_image3.make_tiny_checkpoint DIR [--seed 0] [--num-shards 4]
+        [--variant {base,instruct,instruct-distil}]
 
 DIR gets config.json (per-layer list fields, ``attention_head_dim``, the ``vae`` block),
 generation_config.json, tokenizer files with the template's special tokens, and
@@ -12,6 +13,11 @@ qkv rows grouped per KV head, experts' ``gate_and_up_proj`` stored [up; gate], t
 
 Tiny sizes: hidden 64, 4 heads of 16 (2 KV heads), 2 layers, 8 experts top-2, expert width 32,
 patch_embed_hidden_dim 32, VAE widths (32, 32, 32, 64, 64); about 2 MB.
+
+Variants, as released: "base" (HunyuanImage-3.0); "instruct" (HunyuanImage-3.0-Instruct: config.json with
+``cfg_distilled`` / ``use_meanflow`` false, ``model_version``, ``rope_type``; generation_config with the
+"instruct" template, 50 steps, guidance 2.5; the tokenizer with the Instruct special tokens); "instruct-distil"
+(the same with both flags true, the ``guidance_emb.*`` / ``timestep_r_emb.*`` tensors, 8 steps).
 """
 
 from __future__ import annotations
@@ -29,11 +35,18 @@ from omni_ep.models.hunyuan_image3.tokenization import write_tiny_tokenizer
 from omni_ep.models.hunyuan_image3.vae import HunyuanVAEDecoder
 
 TINY_VOCAB_SIZE = 512
+VARIANTS = ("base", "instruct", "instruct-distil")
 
 
-def tiny_config(num_experts: int = 8, top_k: int = 2, num_layers: int = 2) -> HunyuanImage3Config:
-    """The tiny model's config, with the real file's per-layer lists."""
+def tiny_config(num_experts: int = 8, top_k: int = 2, num_layers: int = 2, variant: str = "base") -> HunyuanImage3Config:
+    """The tiny model's config, with the real file's per-layer lists (and the Instruct fields of ``variant``)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    instruct = {} if variant == "base" else dict(
+        cfg_distilled=variant == "instruct-distil", use_meanflow=variant == "instruct-distil",
+        model_version="HunyuanImage-3.0-Instruct", rope_type="2d")
     return HunyuanImage3Config(
+        **instruct,
         vocab_size=TINY_VOCAB_SIZE,
         hidden_size=64,
         num_hidden_layers=num_layers,
@@ -83,7 +96,9 @@ def transformer_shapes(config: HunyuanImage3Config) -> dict[str, tuple[int, ...]
         for j in range(E):
             shapes[f"{p}.mlp.experts.{j}.gate_and_up_proj.weight"] = (2 * I, D)
             shapes[f"{p}.mlp.experts.{j}.down_proj.weight"] = (D, I)
-    for name in ("timestep_emb", "time_embed", "time_embed_2"):
+    embedders = ("timestep_emb", "time_embed", "time_embed_2")
+    embedders += ("guidance_emb",) * bool(config.cfg_distilled) + ("timestep_r_emb",) * bool(config.use_meanflow)
+    for name in embedders:
         shapes |= {f"{name}.mlp.0.weight": (D, 256), f"{name}.mlp.0.bias": (D,),
                    f"{name}.mlp.2.weight": (D, D), f"{name}.mlp.2.bias": (D,)}
     shapes |= {"patch_embed.model.0.weight": (P, C, 3, 3), "patch_embed.model.0.bias": (P,)}
@@ -172,8 +187,9 @@ def write_tiny_checkpoint(
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     config = config or tiny_config()
+    instruct = config.model_version is not None or bool(config.cfg_distilled or config.use_meanflow)
 
-    write_tiny_tokenizer(directory, vocab_size=min(TINY_VOCAB_SIZE, config.vocab_size))
+    write_tiny_tokenizer(directory, vocab_size=min(TINY_VOCAB_SIZE, config.vocab_size), instruct=instruct)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -194,6 +210,9 @@ def write_tiny_checkpoint(
         "use_system_prompt": "None",
         "max_length": 12800,
     }
+    if instruct:  # the Instruct files: the chat template; Distil runs 8 steps with guidance fed to the model
+        generation_config |= {"sequence_template": "instruct", "diff_guidance_scale": 2.5, "drop_think": False,
+                              "diff_infer_steps": 8 if config.cfg_distilled else 50}
     with open(os.path.join(directory, "generation_config.json"), "w") as f:
         json.dump(generation_config, f, indent=2)
         f.write("\n")
@@ -222,8 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-shards", type=int, default=4)
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--variant", default="base", choices=VARIANTS,
+                        help="the released checkpoint whose layout to write (default: the base model)")
     args = parser.parse_args(argv)
-    write_tiny_checkpoint(args.directory, args.seed, args.num_shards, tiny_config(args.num_experts, args.top_k))
+    write_tiny_checkpoint(args.directory, args.seed, args.num_shards,
+                          tiny_config(args.num_experts, args.top_k, variant=args.variant))
     print(args.directory)
 
 

@@ -1,13 +1,24 @@
-"""Prompt -> token ids for HunyuanImage-3.0 text-to-image ("pretrain" template, no system prompt).
+"""Prompt -> token ids for HunyuanImage-3.0 text-to-image: the base "pretrain" template and the "instruct"
+template of HunyuanImage-3.0-Instruct / -Instruct-Distil.
 
-Sequence, per row (S tokens):
-    <bos> {prompt tokens} <boi> <img_size_{base}> <img_ratio_k> <timestep> <img> x (h*w) <eoi>
-Classifier-free guidance appends uncond rows: the same template with every prompt token replaced one-for-one
-by <cfg>, so cond and uncond rows share length, positions and mask. Special tokens are resolved BY NAME.
+"pretrain" (base), per row (S tokens):
+    <bos> {prompt tokens} IMAGE-BLOCK
+"instruct" (conversation "hunyuan-image-3": roles User / Assistant, separator "\n\n"):
+    <bos> [SYSTEM "\n\n"] "User: " PROMPT "\n\n" "Assistant: " [COT] <answer> IMAGE-BLOCK </answer> "\n\n"
+    COT = [<think> THINK </think>] [<recaption> RECAPTION </recaption>], texts a caller supplies (the
+    text-generation stage that writes them is not part of omni_ep). Every section is tokenized on its own
+    (add_special_tokens=False) and the pieces concatenated: BPE never merges across a section boundary.
+IMAGE-BLOCK = <boi> <img_size_{base}> <img_ratio_k> <timestep> [<guidance>] [<timestep_r>] <img> x (h*w) <eoi>,
+    the bracketed meta slots present in Instruct-Distil (config ``cfg_distilled`` / ``use_meanflow``).
+Classifier-free guidance appends uncond rows: the same sections with every user text (the prompt) and every
+CoT text (think, recaption) replaced one-for-one by <cfg>; the system prompt, role prefixes, tags and the image
+block are kept. Cond and uncond rows share length, positions and mask. Special tokens are resolved BY NAME.
 
 Resolution buckets (base 1024, step 64): from base x base, step height up / width down (and the reverse)
 by `step`, clamped to [base/2, 2*base], until both limits are hit; 33 buckets sorted by height/width:
-0 = 512x2048, 16 = 1024x1024, 32 = 2048x512 (height x width). A request snaps to the nearest ratio.
+0 = 512x2048, 16 = 1024x1024, 32 = 2048x512 (height x width). The Instruct checkpoints APPEND four buckets
+(not re-sorted, absolute sizes as the official code lists them): 33 = 1024x768, 34 = 1280x720, 35 = 768x1024,
+36 = 720x1280, and align the stepped buckets to 16. A request snaps to the nearest ratio.
 """
 
 from __future__ import annotations
@@ -21,6 +32,14 @@ import torch
 
 BOI, EOI, IMG, CFG, TIMESTEP = "<boi>", "<eoi>", "<img>", "<cfg>", "<timestep>"
 NUM_RATIO_TOKENS = 33
+# Instruct / Instruct-Distil: meta slots, the answer and CoT tags, the four appended buckets (height, width).
+GUIDANCE, TIMESTEP_R = "<guidance>", "<timestep_r>"
+ANSWER, END_ANSWER = "<answer>", "</answer>"
+THINK, END_THINK, RECAPTION, END_RECAPTION = "<think>", "</think>", "<recaption>", "</recaption>"
+EXTRA_BUCKETS = ((1024, 768), (1280, 720), (768, 1024), (720, 1280))
+META_SLOT_TOKENS = {"timestep": TIMESTEP, "guidance": GUIDANCE, "timestep_r": TIMESTEP_R}
+USER, ASSISTANT, SEPARATOR = "User: ", "Assistant: ", "\n\n"
+TEMPLATES = ("pretrain", "instruct")
 
 
 def image_size_token(base_size: int) -> str:
@@ -31,33 +50,84 @@ def image_ratio_token(index: int) -> str:
     return f"<img_ratio_{index}>"
 
 
+def instruct_special_tokens() -> list[str]:
+    """The special tokens the Instruct template adds to the base ones."""
+    tags = [GUIDANCE, TIMESTEP_R, ANSWER, END_ANSWER, THINK, END_THINK, RECAPTION, END_RECAPTION]
+    return tags + [image_ratio_token(NUM_RATIO_TOKENS + k) for k in range(len(EXTRA_BUCKETS))]
+
+
 @cache
-def resolution_buckets(base_size: int = 1024, step: int | None = None) -> tuple[tuple[int, int], ...]:
-    """(height, width) buckets sorted by height / width; 33 entries for step = base_size // 16."""
+def resolution_buckets(
+    base_size: int = 1024, step: int | None = None, align: int = 1, extra: tuple[tuple[int, int], ...] = ()
+) -> tuple[tuple[int, int], ...]:
+    """(height, width) buckets sorted by height / width (33 entries for step = base_size // 16), each stepped
+    size rounded down to a multiple of ``align``; then the ``extra`` buckets appended in order, except one whose
+    ratio a bucket already has."""
     step = base_size // 16 if step is None else step
     if step <= 0 or step > base_size // 2:
         raise ValueError(f"step must be in [1, base_size // 2 = {base_size // 2}], got {step}")
+    if not 1 <= align <= step or base_size % align:
+        raise ValueError(f"align ({align}) must divide base_size ({base_size}) and be at most the step ({step})")
     low, high = base_size // 2, base_size * 2
     buckets = [(base_size, base_size)]
     height = width = base_size
     while not (height >= high and width <= low):  # taller
         height, width = min(height + step, high), max(width - step, low)
-        buckets.append((height, width))
+        buckets.append((height // align * align, width // align * align))
     height = width = base_size
     while not (height <= low and width >= high):  # wider
         height, width = max(height - step, low), min(width + step, high)
-        buckets.append((height, width))
-    return tuple(sorted(buckets, key=lambda hw: hw[0] / hw[1]))
+        buckets.append((height // align * align, width // align * align))
+    buckets.sort(key=lambda hw: hw[0] / hw[1])
+    for h, w in extra:
+        if all(h / w != bh / bw for bh, bw in buckets):
+            buckets.append((h, w))
+    return tuple(buckets)
 
 
-def snap_to_bucket(height: int, width: int, base_size: int = 1024) -> tuple[int, int, int]:
-    """(index, bucket height, bucket width) of the bucket whose height/width is nearest to height/width."""
+def snap_to_bucket(
+    height: int, width: int, base_size: int = 1024, buckets: tuple[tuple[int, int], ...] | None = None
+) -> tuple[int, int, int]:
+    """(index, bucket height, bucket width) of the bucket whose height/width is nearest to height/width (the
+    first on a tie); ``buckets`` default: the base model's 33 for ``base_size``."""
     if height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive, got {height}x{width}")
     ratio = height / width
-    buckets = resolution_buckets(base_size)
+    buckets = resolution_buckets(base_size) if buckets is None else buckets
     index = min(range(len(buckets)), key=lambda i: abs(buckets[i][0] / buckets[i][1] - ratio))
     return index, *buckets[index]
+
+
+@dataclass(frozen=True)
+class HunyuanImage3Template:
+    """How a checkpoint lays out its text-to-image sequence: the template, the meta slots of the image block
+    (``HunyuanImage3Config.meta_slots``), and the resolution buckets."""
+
+    name: str = "pretrain"  # "pretrain" (base) or "instruct" (Instruct, Instruct-Distil)
+    meta_slots: tuple[str, ...] = ("timestep",)
+
+    def __post_init__(self):
+        if self.name not in TEMPLATES:
+            raise ValueError(f"sequence_template must be one of {', '.join(TEMPLATES)}, got {self.name!r}")
+        if self.meta_slots[:1] != ("timestep",) or not set(self.meta_slots) <= set(META_SLOT_TOKENS):
+            raise ValueError(f"meta_slots must start with 'timestep' and name {tuple(META_SLOT_TOKENS)}, got {self.meta_slots}")
+
+    def buckets(self, base_size: int) -> tuple[tuple[int, int], ...]:
+        """37 buckets for "instruct" (aligned to 16, four appended), the base 33 for "pretrain"."""
+        if self.name == "instruct":
+            return resolution_buckets(base_size, align=16, extra=EXTRA_BUCKETS)
+        return resolution_buckets(base_size)
+
+    def snap(self, height: int, width: int, base_size: int) -> tuple[int, int, int]:
+        return snap_to_bucket(height, width, base_size, self.buckets(base_size))
+
+
+def token_id(tokenizer, name: str) -> int:
+    """The id of special token ``name``; a ValueError naming it when the tokenizer lacks it."""
+    token_id = tokenizer.convert_tokens_to_ids(name)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no special token {name!r}; use the HunyuanImage-3.0 tokenizer")
+    return token_id
 
 
 @dataclass(frozen=True)
@@ -78,10 +148,7 @@ class HunyuanImage3SpecialTokens:
     @classmethod
     def from_tokenizer(cls, tokenizer, base_size: int = 1024) -> HunyuanImage3SpecialTokens:
         def lookup(name: str) -> int:
-            token_id = tokenizer.convert_tokens_to_ids(name)
-            if token_id is None or token_id == tokenizer.unk_token_id:
-                raise ValueError(f"tokenizer has no special token {name!r}; use the HunyuanImage-3.0 tokenizer")
-            return token_id
+            return token_id(tokenizer, name)
 
         def required(value: int | None, name: str) -> int:
             if value is None:
@@ -108,7 +175,7 @@ class TextToImageInputs:
 
     input_ids: [R, S] int64, R = B cond rows, then B uncond rows when guidance is on.
     image_slice: (start, end) of the <img> tokens, end exclusive; end - start = latent_height * latent_width.
-    timestep_index: position of <timestep>.
+    timestep_index: position of <timestep>; the other meta slots (``meta_slots``) follow it, then the image.
     """
 
     input_ids: torch.Tensor
@@ -120,6 +187,13 @@ class TextToImageInputs:
     width: int
     ratio_index: int
     guidance: bool
+    meta_slots: tuple[str, ...] = ("timestep",)
+
+    def slot_index(self, name: str) -> int:
+        """Position of meta slot ``name`` ("timestep", "guidance", "timestep_r")."""
+        if name not in self.meta_slots:
+            raise ValueError(f"this sequence has no <{name}> slot (meta slots {self.meta_slots})")
+        return self.timestep_index + self.meta_slots.index(name)
 
 
 def build_text_to_image_inputs(
@@ -130,16 +204,25 @@ def build_text_to_image_inputs(
     guidance: bool,
     base_size: int = 1024,
     vae_downsample: int = 16,
+    template: HunyuanImage3Template | None = None,
+    system_prompt: str | None = None,
+    think: str | None = None,
+    recaption: str | None = None,
 ) -> TextToImageInputs:
-    """Token ids for prompts at the bucket nearest to height x width.
+    """Token ids for prompts at the bucket nearest to height x width, in ``template``'s layout (default: the
+    base model's "pretrain"). system_prompt, think, recaption: "instruct" only; empty or None leaves the
+    section out.
 
     All prompts must tokenize to the same length (one shared layout); run prompts of different lengths
     in separate calls. height, width of the result are the bucket's; latent grid = bucket // vae_downsample.
     """
+    template = template or HunyuanImage3Template()
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
+    if template.name == "pretrain" and (system_prompt or think or recaption):
+        raise ValueError("the pretrain template (base model) has no system prompt, think or recaption section")
     special = HunyuanImage3SpecialTokens.from_tokenizer(tokenizer, base_size)
-    ratio_index, bucket_h, bucket_w = snap_to_bucket(height, width, base_size)
+    ratio_index, bucket_h, bucket_w = template.snap(height, width, base_size)
     latent_h, latent_w = bucket_h // vae_downsample, bucket_w // vae_downsample
     if latent_h == 0 or latent_w == 0:
         raise ValueError(f"bucket {bucket_h}x{bucket_w} is smaller than vae_downsample={vae_downsample}")
@@ -151,19 +234,25 @@ def build_text_to_image_inputs(
             f"prompts tokenize to different lengths {sorted(lengths)}; one batch shares one layout, "
             "so pass prompts of equal token length or run them in separate calls"
         )
-    (num_prompt_tokens,) = lengths
     image_tokens = latent_h * latent_w
-    head = [special.boi, special.image_size, special.image_ratios[ratio_index], special.timestep]
-    tail = [special.img] * image_tokens + [special.eoi]
+    ratio_token = token_id(tokenizer, image_ratio_token(ratio_index))
+    slots = [token_id(tokenizer, META_SLOT_TOKENS[name]) for name in template.meta_slots]
+    image_block = [special.boi, special.image_size, ratio_token, *slots, *[special.img] * image_tokens, special.eoi]
+    head, tail, after = _template_sections(tokenizer, template.name, system_prompt, think, recaption)
 
-    def row(text_ids: list[int]) -> list[int]:
-        return [special.bos, *text_ids, *head, *tail]
+    def row(prompt_section: list[int], cond: bool) -> list[int]:
+        """<bos>, the sections, the image block, what follows it; an uncond row has <cfg> for every token of the
+        user text (the prompt) and of the CoT texts."""
+        ids = [special.bos]
+        for section, is_text in [*head, (prompt_section, True), *tail]:
+            ids += [special.cfg] * len(section) if is_text and not cond else section
+        return ids + image_block + after
 
-    rows = [row(ids) for ids in prompt_ids]
+    rows = [row(ids, cond=True) for ids in prompt_ids]
     if guidance:
-        rows += [row([special.cfg] * num_prompt_tokens) for _ in prompt_ids]
-    timestep_index = 1 + num_prompt_tokens + len(head) - 1
-    image_start = timestep_index + 1
+        rows += [row(ids, cond=False) for ids in prompt_ids]
+    timestep_index = len(rows[0]) - len(after) - len(image_block) + 3  # after <boi> <img_size> <img_ratio>
+    image_start = timestep_index + len(slots)
     return TextToImageInputs(
         input_ids=torch.tensor(rows, dtype=torch.int64),
         image_slice=(image_start, image_start + image_tokens),
@@ -174,7 +263,32 @@ def build_text_to_image_inputs(
         width=bucket_w,
         ratio_index=ratio_index,
         guidance=guidance,
+        meta_slots=template.meta_slots,
     )
+
+
+def _template_sections(tokenizer, name, system_prompt, think, recaption):
+    """(sections before the prompt, sections between the prompt and the image block, ids after the image block)
+    of template ``name``. A section is (ids, is_text): is_text marks a CoT text, which an uncond row replaces by
+    <cfg> as it does the prompt. "pretrain" has nothing but the prompt."""
+    if name == "pretrain":
+        return [], [], []
+
+    def text(s: str) -> list[int]:
+        return tokenizer.encode(s, add_special_tokens=False)
+
+    def tag(name: str) -> list[int]:
+        return [token_id(tokenizer, name)]
+
+    system = (system_prompt or "").strip()
+    head = [(text(system), False), (text(SEPARATOR), False)] if system else []
+    head += [(text(USER), False)]
+    tail = [(text(SEPARATOR), False), (text(ASSISTANT), False)]
+    for open_tag, body, close_tag in ((THINK, think, END_THINK), (RECAPTION, recaption, END_RECAPTION)):
+        if body:
+            tail += [(tag(open_tag), False), (text(body), True), (tag(close_tag), False)]
+    tail += [(tag(ANSWER), False)]
+    return head, tail, tag(END_ANSWER) + text(SEPARATOR)
 
 
 _TINY_CORPUS = (
@@ -187,12 +301,16 @@ _TINY_CORPUS = (
 
 
 def write_tiny_tokenizer(
-    directory: str | os.PathLike, vocab_size: int = 512, image_base_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    directory: str | os.PathLike,
+    vocab_size: int = 512,
+    image_base_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024),
+    instruct: bool = False,
 ) -> None:
     """Write a small real HF fast tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json).
 
     Byte-level BPE trained offline on a few sentences (lowercased), so any text tokenizes; holds bos/eos/pad and
-    every special token the text-to-image template resolves by name, with <img_size_s> for each image_base_sizes.
+    every special token the text-to-image template resolves by name, with <img_size_s> for each image_base_sizes;
+    with ``instruct`` also those of the Instruct template (``instruct_special_tokens``), after the base ones.
     Loadable with transformers.AutoTokenizer.from_pretrained(directory).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -201,6 +319,7 @@ def write_tiny_tokenizer(
     bos, eos, pad = "<|startoftext|>", "<|endoftext|>", "<pad>"
     extra = [BOI, EOI, IMG, CFG, TIMESTEP, *map(image_size_token, image_base_sizes)]
     extra += [image_ratio_token(k) for k in range(NUM_RATIO_TOKENS)]
+    extra += instruct_special_tokens() if instruct else []
     backend = Tokenizer(models.BPE())
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -9,9 +9,14 @@ Embeddings are ``wte(input_ids)`` with the ``<timestep>`` slot replaced by ``tim
 slots by ``patch_embed(latents, time_embed(t))``. After the decoder layers the hidden states at the image
 slots go, WITHOUT ``ln_f``, through ``final_layer(., time_embed_2(t))``.
 
+Instruct-Distil adds two meta slots after ``<timestep>``: ``<guidance>`` (``cfg_distilled``) gets
+``guidance_emb(G)`` and ``<timestep_r>`` (``use_meanflow``) gets ``timestep_r_emb(r)``, in that order, right
+before the image. They condition nothing else (patch_embed and final_layer still take t).
+
 Text-prefix KV cache: the prefix is every token before ``<timestep>``. Step 0 runs the whole sequence and
-stores the prefix K/V; later steps run only ``<timestep>`` and the image tokens. Tokens after the image
-(``<eoi>``) are dropped there: under the mask no image token attends to a later token.
+stores the prefix K/V; later steps run only the meta slots (``<timestep>`` [``<guidance>``] [``<timestep_r>``])
+and the image tokens, whose embeddings all come from the embedders (no input_ids needed). Tokens after the
+image (``<eoi>``, ``</answer>``, ...) are dropped there: under the mask no image token attends to a later token.
 
 Placement of every weight (``PLACEMENT``): "column"/"row" are TP-sharded (contiguous row / column chunks),
 "expert" tensors live only on the EP rank that owns the expert (TP-sharded in I when EP is off),
@@ -45,6 +50,7 @@ PLACEMENT = {
     "model.layers.*.mlp.shared_mlp.*": "replicated weights; each TP rank runs its 1/TP chunk of the tokens",
     "model.wte.weight": "replicated",
     "timestep_emb.* / time_embed.* / time_embed_2.* / patch_embed.* / final_layer.*": "replicated",
+    "guidance_emb.* / timestep_r_emb.* (Instruct-Distil only)": "replicated",
 }
 
 # Checkpoint tensors a text-to-image run never reads.
@@ -105,9 +111,14 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         self.time_embed_2 = HunyuanTimestepEmbedder(H)
         self.patch_embed = HunyuanUNetDown(in_channels=C, emb_channels=H, hidden_channels=P, out_channels=H)
         self.final_layer = HunyuanUNetUp(in_channels=H, emb_channels=H, hidden_channels=P, out_channels=C)
+        # Instruct-Distil: the embedders of the <guidance> and <timestep_r> slots, built iff config.json says so.
+        self.guidance_emb = HunyuanTimestepEmbedder(H) if config.cfg_distilled else None
+        self.timestep_r_emb = HunyuanTimestepEmbedder(H) if config.use_meanflow else None
         if params_dtype is not None:
-            for module in (self.timestep_emb, self.time_embed, self.time_embed_2, self.patch_embed, self.final_layer):
-                module.to(params_dtype)
+            for module in (self.timestep_emb, self.time_embed, self.time_embed_2, self.patch_embed, self.final_layer,
+                           self.guidance_emb, self.timestep_r_emb):
+                if module is not None:
+                    module.to(params_dtype)
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> HunyuanImage3Transformer2DModel:
@@ -128,9 +139,12 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         timestep_index: int,  # index of <timestep> in the full sequence
         input_ids: torch.Tensor | None = None,  # [B, S_full]; optional once kv_cache is filled
         kv_cache: HunyuanImage3KVCache | None = None,
+        guidance: torch.Tensor | None = None,  # [B], G = bf16(1000 * g); iff config.cfg_distilled
+        timestep_r: torch.Tensor | None = None,  # [B], r = next sigma * 1000; iff config.use_meanflow
     ) -> torch.Tensor:  # velocity [B, C, h, w]
         """One denoising evaluation. With ``kv_cache`` empty the whole sequence runs and the cache is filled;
-        with it filled only tokens [timestep_index, image_slice.stop) run."""
+        with it filled only tokens [timestep_index, image_slice.stop) run. The meta slots are
+        ``config.meta_slots`` from ``timestep_index`` on (<timestep> [<guidance>] [<timestep_r>])."""
         B, C, h, w = latents.shape
         img_start, img_stop = image_slice.start, image_slice.stop
         if img_stop - img_start != h * w:
@@ -138,11 +152,13 @@ class HunyuanImage3Transformer2DModel(nn.Module):
                 f"image_slice {img_start}:{img_stop} holds {img_stop - img_start} slots but latents {h}x{w} need "
                 f"{h * w}; build the sequence for this latent size"
             )
-        if not 0 <= timestep_index < img_start:
+        num_slots = len(self.config.meta_slots)
+        if not 0 <= timestep_index <= img_start - num_slots:
             raise ValueError(
-                f"timestep_index {timestep_index} must come before the image slots (start {img_start}): "
-                "the template puts <timestep> right before <img>"
+                f"timestep_index {timestep_index} must come before the image slots (start {img_start}) with room for "
+                f"the {num_slots} meta slot(s) {self.config.meta_slots}: the template puts them right before <img>"
             )
+        slot_values = self._meta_slot_values(timestep, guidance, timestep_r)  # checked before the cache is touched
         cached = kv_cache is not None and kv_cache.is_filled
         if cached:
             if kv_cache.prefix_len != timestep_index:
@@ -163,7 +179,7 @@ class HunyuanImage3Transformer2DModel(nn.Module):
                 kv_cache.begin_fill(timestep_index)
 
         device = latents.device
-        x_BSH = self._embed(latents, timestep, input_ids, q_start, seq_len, timestep_index, image_slice)
+        x_BSH = self._embed(latents, timestep, input_ids, q_start, seq_len, timestep_index, image_slice, slot_values)
         pos_y, pos_x = image_rope_positions(seq_len, img_start, h, w, device=device)
         cos, sin = rope_cos_sin(pos_y[q_start:], pos_x[q_start:], self.config.attention_head_dim, self.config.rope_theta)
         segments = attention_segments(seq_len, [(img_start, img_stop)], query_start=q_start)
@@ -176,20 +192,37 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         image_hidden = x_BSH[:, img_start - q_start : img_stop - q_start]  # no ln_f before final_layer
         return self.final_layer(image_hidden, self.time_embed_2(timestep), h, w)
 
-    def _embed(self, latents, timestep, input_ids, q_start, seq_len, timestep_index, image_slice) -> torch.Tensor:
+    def _meta_slot_values(self, timestep, guidance, timestep_r) -> list[torch.Tensor]:
+        """[B, H] embedding of each meta slot, in ``config.meta_slots`` order; checks that the values the
+        checkpoint expects are given and no other."""
+        given = {"guidance": guidance, "timestep_r": timestep_r}
+        flags = {"guidance": "cfg_distilled", "timestep_r": "use_meanflow"}
+        for name, value in given.items():
+            wanted = name in self.config.meta_slots
+            if wanted and value is None:
+                raise ValueError(f"this checkpoint has {flags[name]}=true: pass {name} [B] on every step")
+            if not wanted and value is not None:
+                raise ValueError(f"{name} was given but this checkpoint has no {flags[name]} (no <{name}> slot)")
+        embedders = {"timestep": self.timestep_emb, "guidance": self.guidance_emb, "timestep_r": self.timestep_r_emb}
+        values = {"timestep": timestep, **given}
+        return [embedders[name](values[name]) for name in self.config.meta_slots]
+
+    def _embed(self, latents, timestep, input_ids, q_start, seq_len, timestep_index, image_slice, slot_values):
         """[B, seq_len - q_start, H] embeddings of the tokens this pass runs."""
         B = latents.shape[0]
         dtype = self.dtype
         if input_ids is not None:
             x_BSH = self.model.wte(input_ids[:, q_start:seq_len])
-        elif image_slice.start - timestep_index > 1:
+        elif image_slice.start - timestep_index > len(slot_values):
             raise ValueError(
-                "input_ids are needed: tokens between <timestep> and the image are not in the KV cache"
+                f"input_ids are needed: tokens between <timestep> and the image other than the meta slots "
+                f"{self.config.meta_slots} are not in the KV cache"
             )
         else:
             x_BSH = torch.zeros(B, seq_len - q_start, self.config.hidden_size, dtype=dtype, device=latents.device)
         x_BSH = x_BSH.clone()
-        x_BSH[:, timestep_index - q_start] = self.timestep_emb(timestep).to(dtype)
+        for offset, value_BH in enumerate(slot_values):  # <timestep> [<guidance>] [<timestep_r>]
+            x_BSH[:, timestep_index + offset - q_start] = value_BH.to(dtype)
         image_tokens = self.patch_embed(latents.to(dtype), self.time_embed(timestep))
         x_BSH[:, image_slice.start - q_start : image_slice.stop - q_start] = image_tokens.to(dtype)
         return x_BSH

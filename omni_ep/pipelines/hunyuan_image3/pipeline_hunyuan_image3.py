@@ -13,6 +13,10 @@ Parallel layout of one call:
 Latents of prompt i come from ``torch.Generator().manual_seed(seed + i)`` on the CPU (or from ``generator``
 drawn in prompt order), so results do not depend on the layout. Rank 0 returns the images of every prompt in
 order; every other rank returns None.
+
+The checkpoint's variant (base, Instruct, Instruct-Distil; ``variant.py``) sets the template, the defaults of
+steps / guidance / shift (generation_config.json) and the conditioning: Instruct-Distil runs one row per prompt
+(no CFG, so no CFG parallel) and feeds the distilled guidance and MeanFlow r each step.
 """
 
 from __future__ import annotations
@@ -46,10 +50,11 @@ from omni_ep.models.hunyuan_image3 import (
     load_vae_decoder,
 )
 from omni_ep.models.hunyuan_image3.saving import save_checkpoint
-from omni_ep.models.hunyuan_image3.tokenization import build_text_to_image_inputs
+from omni_ep.models.hunyuan_image3.tokenization import TextToImageInputs, build_text_to_image_inputs
 from omni_ep.models.hunyuan_image3.vae import decode_latents
 from omni_ep.pipelines.cuda_graph import CachedStepGraph
 from omni_ep.pipelines.hunyuan_image3.scheduling import make_scheduler
+from omni_ep.pipelines.hunyuan_image3.variant import HunyuanImage3Variant, read_generation_config
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -64,11 +69,16 @@ class HunyuanImage3PipelineOutput(BaseOutput):
 class HunyuanImage3Pipeline(DiffusionPipeline):
     """Prompt -> tokens -> transformer (denoising loop, flow-matching Euler) -> VAE decoder -> image."""
 
-    def __init__(self, transformer, vae, tokenizer, generation_config: dict | None = None):
-        """The scheduler is made per call (flow-matching Euler with explicit shifted sigmas)."""
+    def __init__(self, transformer, vae, tokenizer, generation_config: dict | None = None,
+                 variant: HunyuanImage3Variant | None = None):
+        """The scheduler is made per call (flow-matching Euler with explicit shifted sigmas). variant: default
+        from the transformer's config and generation_config (without system-prompt presets)."""
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
         self.generation_config = generation_config or {}
+        self.variant = variant or HunyuanImage3Variant.from_configs(transformer.config, self.generation_config)
+        if is_parallel_state_initialized():
+            self.variant.check_parallel_config(get_parallel_state().config)
         self.cuda_graphs = True  # on CUDA, the cached steps replay one captured graph (see cuda_graph.py)
         # (captured, why not) of the last generation's graph; the graph itself is freed when its generation
         # ends (a captured collective must not outlive it: its communicator could not be torn down).
@@ -95,6 +105,10 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
             raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path!r} has no config.json: not a HunyuanImage-3.0 checkpoint folder")
+        # The variant from config.json alone: a layout it cannot use fails here, on every rank, before any load.
+        variant = HunyuanImage3Variant.from_pretrained(path)
+        variant.check_parallel_config(parallel_config or (get_parallel_state().config if is_parallel_state_initialized()
+                                                          else ParallelConfig()))
         if not is_parallel_state_initialized():
             init_parallel_state(parallel_config or ParallelConfig())
         elif parallel_config is not None and parallel_config != get_parallel_state().config:
@@ -111,11 +125,7 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         else:
             vae = load_vae_decoder(path, dtype=vae_dtype, device=device)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)  # tokenizer.json
-        generation_config = {}
-        if os.path.isfile(os.path.join(path, "generation_config.json")):
-            with open(os.path.join(path, "generation_config.json")) as f:
-                generation_config = json.load(f)
-        return cls(transformer, vae, tokenizer, generation_config=generation_config)
+        return cls(transformer, vae, tokenizer, generation_config=read_generation_config(path), variant=variant)
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_bytes: int = 2**30, **kwargs) -> None:
         """Write the released layout: config.json, generation_config.json, tokenizer files, shards + index.
@@ -174,25 +184,35 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         prompt: str | list[str],
         height: int = 1024,
         width: int = 1024,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         flow_shift: float | None = None,
+        system_prompt: str | None = None,
+        recaption: str | None = None,
+        think: str | None = None,
     ):
         """Generate one image per prompt. Returns HunyuanImage3PipelineOutput (or a tuple) on rank 0, None elsewhere.
 
+        num_inference_steps, guidance_scale, flow_shift: None takes the checkpoint's generation_config.json.
         callback_on_step_end(pipe, step, timestep, {"latents": latents}) may return {"latents": ...} to replace them.
+        system_prompt, recaption, think (Instruct templates): the system prompt's text or preset name (None: the
+        checkpoint's choice, "" or "None": none); a recaption / think text written beforehand (omni_ep has no
+        text-generation stage), placed where the official template puts the model's own.
         """
+        # 0. the checkpoint's defaults for what the caller left out; the text around the prompt
+        num_inference_steps, guidance_scale, shift = self.variant.defaults(num_inference_steps, guidance_scale,
+                                                                           flow_shift)
+        sections = self.variant.text_sections(system_prompt, think, recaption)
         # 1. check inputs (before any collective)
         prompts = self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale, output_type)
         config, state = self.transformer.config, get_parallel_state()
         cfg_group, dp_group, tp_group = get_cfg_group(), get_dp_group(), get_tp_group()
-        do_cfg = guidance_scale > 1.0
-        shift = flow_shift if flow_shift is not None else float(self.generation_config.get("flow_shift", 3.0))
+        do_cfg = self.variant.does_cfg(guidance_scale)
 
         # 2. this DP rank's prompts, padded to the same number of generations on every DP rank
         mine = list(range(dp_group.rank, len(prompts), dp_group.world_size))
@@ -200,8 +220,7 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         schedule = [mine[min(r, len(mine) - 1)] if mine else 0 for r in range(rounds)]
 
         # 3. latents of every prompt (same draws on every rank)
-        probe = build_text_to_image_inputs(self.tokenizer, prompts[:1], height, width, do_cfg, config.image_base_size,
-                                           config.vae_downsample_factor[0])
+        probe = self.encode_prompt(prompts[:1], height, width, do_cfg, sections)
         latent_shape = (config.latent_channels, probe.latent_height, probe.latent_width)
         all_latents = self.prepare_latents(len(prompts), latent_shape, seed, generator)
 
@@ -211,7 +230,7 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         for r, index in enumerate(schedule):
             keep = r < len(mine)
             latents = self.denoise(prompts[index], all_latents[index], height, width, num_inference_steps,
-                                   guidance_scale, shift, callback_on_step_end)
+                                   guidance_scale, shift, callback_on_step_end, sections)
             if decode_group is not None and output_type != "latent":
                 image = self.decode(latents, output_type, decode_group)
                 if keep and tp_group.rank == 0 and cfg_group.rank == 0:
@@ -234,25 +253,30 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
             images = torch.cat(images)
         return HunyuanImage3PipelineOutput(images=images) if return_dict else (images,)
 
-    def denoise(self, prompt, latents, height, width, num_inference_steps, guidance_scale, shift, callback):
-        """One prompt's denoising loop. latents [1, C, h, w] fp32 -> [1, C, h, w] fp32."""
-        config, cfg_group = self.transformer.config, get_cfg_group()
-        do_cfg = guidance_scale > 1.0
-        inputs = build_text_to_image_inputs(self.tokenizer, [prompt], height, width, do_cfg, config.image_base_size,
-                                            config.vae_downsample_factor[0])
+    def denoise(self, prompt, latents, height, width, num_inference_steps, guidance_scale, shift, callback,
+                sections=None):
+        """One prompt's denoising loop. latents [1, C, h, w] fp32 -> [1, C, h, w] fp32. sections: the text around
+        the prompt (``variant.text_sections``)."""
+        cfg_group = get_cfg_group()
+        do_cfg = self.variant.does_cfg(guidance_scale)
+        inputs = self.encode_prompt([prompt], height, width, do_cfg, sections)
         input_ids = inputs.input_ids.to(self.device)  # [1 or 2, S]: cond (, uncond)
         if cfg_group.world_size == 2:
             input_ids = input_ids[cfg_group.rank : cfg_group.rank + 1]  # this rank's branch
         rows = input_ids.shape[0]
         image_slice = slice(*inputs.image_slice)
+        # cached steps run the meta slots (<timestep> [<guidance>] [<timestep_r>]) and the image, per row
         first_bound, cached_bound = self.moe_token_bounds(rows * input_ids.shape[1],
                                                           rows * (image_slice.stop - inputs.timestep_index))
         scheduler, timesteps = make_scheduler(num_inference_steps, shift, device=self.device)
+        # Instruct-Distil: {"guidance": [N], "timestep_r": [N]}, inputs of the captured step (they change per step)
+        conditioning = self.variant.step_conditioning(timesteps, guidance_scale)
         kv_cache = HunyuanImage3KVCache()
 
-        def cached_step(latents_BChw, t_B):
+        def cached_step(latents_BChw, t_B, *conditioning_B):
             with set_forward_context(max_tokens_across_ep=cached_bound):
-                return self.transformer(latents_BChw, t_B, image_slice, inputs.timestep_index, kv_cache=kv_cache)
+                return self.transformer(latents_BChw, t_B, image_slice, inputs.timestep_index, kv_cache=kv_cache,
+                                        **dict(zip(conditioning, conditioning_B)))
 
         graphed = self.cuda_graphs and self.device.type == "cuda"
         step_fn = CachedStepGraph(cached_step, self.all_ranks_ok) if graphed else cached_step
@@ -260,12 +284,14 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         with self.progress_bar(total=num_inference_steps) as progress:
             for step, t in enumerate(timesteps):
                 latents_in, t_in = latents.expand(rows, -1, -1, -1).to(self.dtype), t.expand(rows).to(self.device)
+                extra_in = [values[step].expand(rows) for values in conditioning.values()]
                 if step == 0:
                     with set_forward_context(max_tokens_across_ep=first_bound):
                         v = self.transformer(latents_in, t_in, image_slice, inputs.timestep_index,
-                                             input_ids=input_ids, kv_cache=kv_cache)
+                                             input_ids=input_ids, kv_cache=kv_cache,
+                                             **dict(zip(conditioning, extra_in)))
                 else:
-                    v = step_fn(latents_in, t_in)
+                    v = step_fn(latents_in, t_in, *extra_in)
                 v = v.float()
                 if do_cfg:
                     v = cfg_group.all_gather(v) if cfg_group.world_size == 2 else v
@@ -278,6 +304,13 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
                 progress.update()
         self.cuda_graph_status = (step_fn.captured, step_fn.error) if graphed else None
         return latents
+
+    def encode_prompt(self, prompts: list[str], height: int, width: int, do_cfg: bool,
+                      sections: dict | None = None) -> TextToImageInputs:
+        """Token layout of ``prompts`` in this checkpoint's template; sections: ``variant.text_sections``."""
+        config = self.transformer.config
+        return build_text_to_image_inputs(self.tokenizer, prompts, height, width, do_cfg, config.image_base_size,
+                                          config.vae_downsample_factor[0], self.variant.template, **(sections or {}))
 
     def all_ranks_ok(self, ok: bool) -> bool:
         """True when ``ok`` on every rank (one small all-reduce over the world)."""

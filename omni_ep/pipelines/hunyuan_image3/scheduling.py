@@ -3,6 +3,12 @@
 sigmas = linspace(1, 0, N+1), shifted s -> shift*s / (1 + (shift-1)*s); timesteps = sigma * 1000;
 x_next = x + v * (sigma_next - sigma). diffusers' FlowMatchEulerDiscreteScheduler reproduces this only when
 given the unshifted sigmas explicitly; its plain set_timesteps(N) spaces them differently.
+
+Instruct-Distil conditions each step on two more values, both fed to timestep-style embedders:
+- MeanFlow ``r``: step i also gets r_i = 1000 * sigma_{i+1}, the next step's timestep (0 on the last step);
+  the update stays plain Euler with the model output (the network predicts the mean velocity over the step).
+- distilled guidance ``G``: the guidance scale g enters the model as G = bf16(1000 * g) (2.5 -> 2496), the
+  same on every step; there is no uncond pass.
 """
 
 from __future__ import annotations
@@ -30,3 +36,14 @@ def make_scheduler(
     unshifted = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
     scheduler.set_timesteps(sigmas=unshifted, device=device)
     return scheduler, scheduler.timesteps
+
+
+def meanflow_timesteps_r(timesteps: torch.Tensor) -> torch.Tensor:
+    """[N] r of every step: the next step's timestep, 0 after the last (timesteps [N] = sigma * 1000)."""
+    return torch.cat([timesteps[1:], timesteps.new_zeros(1)])
+
+
+def distilled_guidance(guidance_scale: float) -> torch.Tensor:
+    """The guidance value a cfg-distilled model is fed: 1000 * g rounded to bfloat16 (as the official pipeline
+    creates it), returned as a 0-d fp32 tensor."""
+    return torch.tensor(1000.0 * guidance_scale, dtype=torch.bfloat16).float()
