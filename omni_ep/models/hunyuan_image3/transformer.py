@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from omni_ep.distributed import get_sp_group
+from omni_ep.distributed.sequence_shards import SequenceShards
 from omni_ep.models.hunyuan_image3.attention import (
     HunyuanImage3Attention,
     HunyuanImage3KVCache,
@@ -33,6 +35,7 @@ from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
 from omni_ep.models.hunyuan_image3.embeddings import HunyuanTimestepEmbedder, HunyuanUNetDown, HunyuanUNetUp
 from omni_ep.models.hunyuan_image3.moe import HunyuanImage3MoE
 from omni_ep.models.hunyuan_image3.rope import image_rope_positions, rope_cos_sin
+from omni_ep.models.hunyuan_image3.sequence_parallel import apply_sequence_parallel, gather_pass, split_pass
 
 # Checkpoint name pattern -> how it is split over ranks. Anything not listed is replicated.
 PLACEMENT = {
@@ -99,6 +102,7 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         if params_dtype is not None:
             for module in (self.timestep_emb, self.time_embed, self.time_embed_2, self.patch_embed, self.final_layer):
                 module.to(params_dtype)
+        apply_sequence_parallel(self, config)
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> HunyuanImage3Transformer2DModel:
@@ -158,10 +162,15 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         pos_y, pos_x = image_rope_positions(seq_len, img_start, h, w, device=device)
         cos, sin = rope_cos_sin(pos_y[q_start:], pos_x[q_start:], self.config.attention_head_dim, self.config.rope_theta)
         segments = attention_segments(seq_len, [(img_start, img_stop)], query_start=q_start)
+        shards = SequenceShards(q_start, seq_len, get_sp_group().world_size)
+        if shards.world_size > 1:  # this rank runs its share of the tokens (see sequence_parallel.py)
+            x_BSH, cos, sin, segments = split_pass(shards, x_BSH, cos, sin, segments)
         for layer in self.model.layers:
             x_BSH = layer(x_BSH, cos, sin, segments, kv_cache)
         if kv_cache is not None and not cached:
             kv_cache.end_fill()
+        if shards.world_size > 1:
+            x_BSH = gather_pass(shards, x_BSH)
         image_hidden = x_BSH[:, img_start - q_start : img_stop - q_start]  # no ln_f before final_layer
         return self.final_layer(image_hidden, self.time_embed_2(timestep), h, w)
 
