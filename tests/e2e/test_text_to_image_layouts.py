@@ -1,6 +1,8 @@
 """End to end on the tiny checkpoint: every parallel layout (x both dispatch backends) against one process.
 
 Final latents within 1e-4 relative error; decoded images PSNR >= 45 dB and SSIM >= 0.995. fp32, gloo.
+Decoding is the slow part: the sequence-parallel layouts decode one backend's images per SP kind (ulysses, ring,
+both) and compare the latents of every run.
 """
 
 import numpy as np
@@ -16,25 +18,37 @@ from tests.launcher import run_ranks
 # Three prompts: with DP2 one rank gets two and the other one (and repeats it, dropping the result).
 PROMPTS = ["a cat sitting on a red chair", "an astronaut riding a horse on the moon at night", "a bowl of fruit"]
 CALL = dict(height=256, width=256, num_inference_steps=3, guidance_scale=5.0, seed=1234)
+# A text prefix (275 tokens) longer than one rank's share of step 0 under SP2 (266 of 532) and an odd image token
+# count (15 x 17 = 255): the prefix spans ranks (and ring blocks), and shares are padded on step 0.
+LONG_PROMPT = 3 * ("a long winding description of a quiet harbour town at dawn, with fishing boats, gulls, wet "
+                   "cobblestones and warm light in every window. ")
+LONG_CALL = CALL | dict(height=240, width=272)
 LATENT_RTOL, MIN_PSNR, MIN_SSIM = 1e-4, 45.0, 0.995
 
+# Expert parallel is on (each layout runs with both dispatch backends) unless the layout turns it off.
 LAYOUTS = {
     2: {"CFG2+EP": dict(cfg_parallel_size=2), "TP2+EP": dict(tensor_parallel_size=2),
-        "DP2+EP": dict(data_parallel_size=2)},
-    4: {"TP2xCFG2+EP": dict(tensor_parallel_size=2, cfg_parallel_size=2)},
+        "DP2+EP": dict(data_parallel_size=2), "U2+EP": dict(ulysses_degree=2), "R2+EP": dict(ring_degree=2),
+        "U2": dict(ulysses_degree=2, enable_expert_parallel=False)},
+    4: {"TP2xCFG2+EP": dict(tensor_parallel_size=2, cfg_parallel_size=2),
+        "U2xR2+EP": dict(ulysses_degree=2, ring_degree=2), "U2xCFG2+EP": dict(ulysses_degree=2, cfg_parallel_size=2),
+        "U2xTP2+EP": dict(ulysses_degree=2, tensor_parallel_size=2)},
 }
+LONG_PROMPT_LAYOUTS = {"R2+EP", "U2xR2+EP"}  # these run LONG_PROMPT at LONG_CALL's size
+# Sequence-parallel runs whose images are decoded: one per SP kind; the other SP runs compare latents only.
+DECODED_SP_RUNS = {"U2+EP all2all", "R2+EP all2all", "U2xR2+EP all2all"}
 
 
-def generate(path, config, prompts):
-    """(final latents [N, 32, h, w], images [N, H, W, 3]) on rank 0; (None, None) elsewhere. The images are the
-    pipeline's own decode of those latents."""
+def generate(path, config, prompts, call=CALL, decode=True):
+    """(final latents [N, 32, h, w], images [N, H, W, 3] or None without decode) on rank 0; (None, None)
+    elsewhere. The images are the pipeline's own decode of those latents."""
     init_parallel_state(config)
     try:
         pipe = HunyuanImage3Pipeline.from_pretrained(path, torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        latents = pipe(prompts, output_type="latent", **CALL)
-        if latents is None:
-            return None, None
+        latents = pipe(prompts, output_type="latent", **call)
+        if latents is None or not decode:
+            return (None if latents is None else latents.images), None
         images = np.concatenate([pipe.decode(z[None], "np") for z in latents.images])
     finally:
         destroy_parallel_state()
@@ -47,13 +61,23 @@ def reference(tiny_checkpoint):
     return generate(tiny_checkpoint, ParallelConfig(), PROMPTS)
 
 
+@pytest.fixture(scope="module")
+def long_prompt_reference(tiny_checkpoint):
+    torch.set_num_threads(1)
+    return generate(tiny_checkpoint, ParallelConfig(), [LONG_PROMPT], LONG_CALL)
+
+
 def layout_worker(rank, world_size, path):
     results = {}
     for name, kw in LAYOUTS[world_size].items():
-        prompts = PROMPTS if "DP" in name else PROMPTS[:1]
-        for backend in ("allgather_reducescatter", "all2all"):
-            config = ParallelConfig(enable_expert_parallel=True, all2all_backend=backend, **kw)
-            results[f"{name} {backend}"] = generate(path, config, prompts)
+        prompts, call = ([LONG_PROMPT], LONG_CALL) if name in LONG_PROMPT_LAYOUTS else (PROMPTS[:1], CALL)
+        prompts = PROMPTS if "DP" in name else prompts
+        kw = dict(enable_expert_parallel=True) | kw
+        sequence_parallel = kw.get("ulysses_degree", 1) * kw.get("ring_degree", 1) > 1
+        for backend in ("allgather_reducescatter", "all2all") if kw["enable_expert_parallel"] else ("all2all",):
+            run = f"{name} {backend}" if kw["enable_expert_parallel"] else name
+            decode = not sequence_parallel or run in DECODED_SP_RUNS
+            results[run] = generate(path, ParallelConfig(all2all_backend=backend, **kw), prompts, call, decode)
     return results if rank == 0 else None
 
 
@@ -61,7 +85,8 @@ def compare(name, latents, images, reference):
     ref_latents, ref_images = reference
     n = latents.shape[0]
     err = ((latents - ref_latents[:n]).norm() / ref_latents[:n].norm()).item()
-    quality = [(psnr(images[i], ref_images[i]), ssim(images[i], ref_images[i])) for i in range(n)]
+    quality = [] if images is None else [(psnr(images[i], ref_images[i]), ssim(images[i], ref_images[i]))
+                                         for i in range(n)]
     print(f"{name:40s} latents rel err {err:.2e}  " + "  ".join(f"PSNR {p:.1f} dB SSIM {s:.5f}" for p, s in quality))
     assert err <= LATENT_RTOL, f"{name}: latents rel err {err:.2e}"
     for p, s in quality:
@@ -79,11 +104,13 @@ def test_reference_is_deterministic_and_not_trivial(reference, tiny_checkpoint):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_parallel_layouts_match_single_process(world_size, tiny_checkpoint, reference):
+def test_parallel_layouts_match_single_process(world_size, tiny_checkpoint, reference, long_prompt_reference):
     (results,) = [r for r in run_ranks(layout_worker, world_size, tiny_checkpoint, timeout=800) if r is not None]
-    assert len(results) == 2 * len(LAYOUTS[world_size])
+    runs = {name: 2 if kw.get("enable_expert_parallel", True) else 1 for name, kw in LAYOUTS[world_size].items()}
+    assert len(results) == sum(runs.values())
     for name, (latents, images) in results.items():
-        compare(name, latents, images, reference)
+        layout = name.split()[0]
+        compare(name, latents, images, long_prompt_reference if layout in LONG_PROMPT_LAYOUTS else reference)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ block arrives (``ring_blocks``). For each (query block, key block) pair the call
 ``AttentionBlock``s: a run of queries over a run of keys, all of them visible or causal on a square diagonal.
 Softmax over keys split into blocks is exact when every block returns its log-sum-exp and the partial outputs
 are merged by it (``OnlineSoftmax``, the "online softmax" of flash attention): fp32 throughout the merge.
+The block exchange runs under the profiler range ``PROFILE_RANGE`` (see benchmarks/profile_step.py).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import torch
 
 from omni_ep.distributed.group_coordinator import GroupCoordinator
 
+PROFILE_RANGE = "ring_pass"
+
 
 @dataclass(frozen=True)
 class AttentionBlock:
     """Queries [q_start, q_end) attend keys [k_start, k_end): every one of them, or with ``causal`` (a square
-    diagonal block, q_start == k_start and q_end == k_end) query q_start + i the keys k_start .. k_start + i."""
+    block on the diagonal: as many queries as keys, at the same sequence positions) query q_start + i the keys
+    k_start .. k_start + i. Positions may be local to a tensor (``shifted``), so q_start and k_start may differ."""
 
     q_start: int
     q_end: int
@@ -34,8 +38,8 @@ class AttentionBlock:
     def __post_init__(self):
         if not (self.q_start < self.q_end and self.k_start < self.k_end):
             raise ValueError(f"{self}: empty query or key run")
-        if self.causal and (self.q_start, self.q_end) != (self.k_start, self.k_end):
-            raise ValueError(f"{self}: a causal block must be a square diagonal block")
+        if self.causal and self.q_end - self.q_start != self.k_end - self.k_start:
+            raise ValueError(f"{self}: a causal block must be square (a block of the diagonal)")
 
     def shifted(self, q_offset: int, k_offset: int) -> AttentionBlock:
         """The same block with q_offset subtracted from its query and k_offset from its key positions."""
@@ -111,8 +115,12 @@ def ring_blocks(x: torch.Tensor, group: GroupCoordinator) -> Iterator[tuple[int,
     must hold a block of the same shape and dtype."""
     world_size = group.world_size
     for step in range(world_size):
-        in_flight = group.ring_shift(x, async_op=True) if step < world_size - 1 else None
+        in_flight = None
+        if step < world_size - 1:
+            with torch.profiler.record_function(PROFILE_RANGE):
+                in_flight = group.ring_shift(x, async_op=True)
         yield (group.rank - step) % world_size, x
         if in_flight is not None:
             x, work = in_flight
-            work.wait()
+            with torch.profiler.record_function(PROFILE_RANGE):
+                work.wait()

@@ -11,7 +11,8 @@ GQA-aware: query heads are grouped per KV head (head i uses KV head i // (N / N_
 query heads [u * n, (u + 1) * n) with exactly the KV heads they use, never K/V repeated per query head:
 - N_kv % U == 0: member u gets KV heads [u * N_kv / U, (u + 1) * N_kv / U) (n_kv = N_kv / U);
 - U % N_kv == 0: its query heads all use one KV head, which it gets alone (n_kv = 1; U / N_kv members share it).
-q, k and v travel packed in one all-to-all per direction.
+q, k and v travel packed in one all-to-all per direction, each under the profiler range ``PROFILE_RANGE``
+(benchmarks/profile_step.py reports its kernel time and the part of it no other kernel overlaps).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from omni_ep.distributed.group_coordinator import GroupCoordinator
+
+PROFILE_RANGE = "ulysses_all_to_all"
 
 
 def check_ulysses_heads(num_heads: int, num_kv_heads: int, ulysses_degree: int, tensor_parallel_size: int = 1) -> None:
@@ -66,7 +69,8 @@ def sequence_to_heads(
     n_kv = kv_heads_per_member(k_BKLD.shape[1], U)
     packed_BUhLD = torch.cat([_by_member(q_BNLD, U), _by_member(k_BKLD, U), _by_member(v_BKLD, U)], dim=2)
     B, _, h, L, D = packed_BUhLD.shape
-    received_UBhLD = group.all_to_all_single(packed_BUhLD.movedim(1, 0).contiguous(), [1] * U, [1] * U)
+    with torch.profiler.record_function(PROFILE_RANGE):
+        received_UBhLD = group.all_to_all_single(packed_BUhLD.movedim(1, 0).contiguous(), [1] * U, [1] * U)
     # member u' sent its own L tokens: concatenating in member order gives the group's S = U * L tokens
     whole_BhSD = received_UBhLD.permute(1, 2, 0, 3, 4).reshape(B, h, U * L, D)
     q, k, v = whole_BhSD.split([n, n_kv, n_kv], dim=1)
@@ -82,6 +86,7 @@ def heads_to_sequence(out_BSnD: torch.Tensor, group: GroupCoordinator) -> torch.
     B, S, n, D = out_BSnD.shape
     L = S // U
     send_UBLnD = out_BSnD.reshape(B, U, L, n, D).movedim(1, 0).contiguous()
-    received_UBLnD = group.all_to_all_single(send_UBLnD, [1] * U, [1] * U)
+    with torch.profiler.record_function(PROFILE_RANGE):
+        received_UBLnD = group.all_to_all_single(send_UBLnD, [1] * U, [1] * U)
     # member u' sent heads [u' * n, (u' + 1) * n) of this rank's tokens
     return received_UBLnD.permute(1, 2, 0, 3, 4).reshape(B, L, U * n, D)

@@ -72,10 +72,15 @@ def split_pass(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[AttentionSegment, ...]]:
     """This SP rank's share of the pass: x [B, L, H], cos, sin [L, D], and the segments with the padding."""
     rank = get_sp_group().rank
-    segments = tuple(segments)
-    if shards.padding:  # padding queries attend key 0 only: finite, never read
-        segments += (AttentionSegment(shards.stop, shards.padded_stop, 1, False),)
+    segments = pad_segments(shards, segments)
     return shards.shard(x_BSH, rank, 1), shards.shard(cos_SD, rank, 0), shards.shard(sin_SD, rank, 0), segments
+
+
+def pad_segments(shards: SequenceShards, segments: Sequence[AttentionSegment]) -> tuple[AttentionSegment, ...]:
+    """The pass's segments plus one for the padding queries, which attend key 0 only (finite, never read)."""
+    if not shards.padding:
+        return tuple(segments)
+    return (*segments, AttentionSegment(shards.stop, shards.padded_stop, 1, False))
 
 
 def gather_pass(shards: SequenceShards, x_BLH: torch.Tensor, group: GroupCoordinator | None = None) -> torch.Tensor:
