@@ -13,6 +13,9 @@ Text-prefix KV cache: the prefix is every token before ``<timestep>``. Step 0 ru
 stores the prefix K/V; later steps run only ``<timestep>`` and the image tokens. Tokens after the image
 (``<eoi>``) are dropped there: under the mask no image token attends to a later token.
 
+Sequence parallel (``sequence_parallel.py``): each SP rank runs a contiguous share of the pass's tokens through
+the decoder layers (attention by ulysses / ring exchanges); the shares are gathered again before ``final_layer``.
+
 Placement of every weight (``PLACEMENT``): "column"/"row" are TP-sharded (contiguous row / column chunks),
 "expert" tensors live only on the EP rank that owns the expert (TP-sharded in I when EP is off),
 "replicated" is held whole by every rank.
