@@ -186,9 +186,9 @@ def _single_attention():
 def _model_passes(path):
     """Every decoder layer's output (this rank's share) and the velocity, of step 0 and two cached steps."""
     model = load_transformer(path, dtype=torch.float32, device="cpu")
-    layer_outputs = []
+    layer_outputs = []  # a decoder layer returns (MoE output, residual): its output is their sum
     for layer in model.model.layers:
-        layer.register_forward_hook(lambda module, args, out: layer_outputs.append(out))
+        layer.register_forward_hook(lambda module, args, out: layer_outputs.append(out[0] + out[1]))
     ids, latents, t, image_slice, ts = tiny_inputs(model.config.vocab_size, batch=2, prompt_len=PROMPT_LEN,
                                                    h=LATENT_H, w=LATENT_W)
     cache = HunyuanImage3KVCache()

@@ -65,15 +65,16 @@ def apply_sequence_parallel(model: nn.Module, config: HunyuanImage3Config) -> No
 
 def split_pass(
     shards: SequenceShards,
+    sp_rank: int,
     x_BSH: torch.Tensor,
     cos_SD: torch.Tensor,
     sin_SD: torch.Tensor,
     segments: Sequence[AttentionSegment],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[AttentionSegment, ...]]:
-    """This SP rank's share of the pass: x [B, L, H], cos, sin [L, D], and the segments with the padding."""
-    rank = get_sp_group().rank
+    """SP rank ``sp_rank``'s share of the pass: x [B, L, H], cos, sin [L, D], and the segments with the padding."""
     segments = pad_segments(shards, segments)
-    return shards.shard(x_BSH, rank, 1), shards.shard(cos_SD, rank, 0), shards.shard(sin_SD, rank, 0), segments
+    return (shards.shard(x_BSH, sp_rank, 1), shards.shard(cos_SD, sp_rank, 0), shards.shard(sin_SD, sp_rank, 0),
+            segments)
 
 
 def pad_segments(shards: SequenceShards, segments: Sequence[AttentionSegment]) -> tuple[AttentionSegment, ...]:
@@ -83,10 +84,9 @@ def pad_segments(shards: SequenceShards, segments: Sequence[AttentionSegment]) -
     return (*segments, AttentionSegment(shards.stop, shards.padded_stop, 1, False))
 
 
-def gather_pass(shards: SequenceShards, x_BLH: torch.Tensor, group: GroupCoordinator | None = None) -> torch.Tensor:
+def gather_pass(shards: SequenceShards, sp_group: GroupCoordinator, x_BLH: torch.Tensor) -> torch.Tensor:
     """Every SP rank's share, in order, padding dropped: [B, L, H] -> [B, S, H]."""
-    group = group or get_sp_group()
-    return shards.unpad(group.all_gather(x_BLH, dim=1), dim=1)
+    return shards.unpad(sp_group.all_gather(x_BLH, dim=1), dim=1)
 
 
 class HunyuanImage3SequenceParallelAttention:

@@ -28,6 +28,7 @@ from torch import nn
 
 from omni_ep.distributed import get_sp_group
 from omni_ep.distributed.sequence_shards import SequenceShards
+from omni_ep.layers.fused_ops import add_rms_norm
 from omni_ep.models.hunyuan_image3.attention import (
     HunyuanImage3Attention,
     HunyuanImage3KVCache,
@@ -64,14 +65,22 @@ class HunyuanImage3DecoderLayer(nn.Module):
     ):
         super().__init__()
         H, eps = config.hidden_size, config.rms_norm_eps
+        self.eps = eps
         self.input_layernorm = HunyuanImage3RMSNorm(H, eps, params_dtype)
         self.self_attn = HunyuanImage3Attention(config, layer_idx, params_dtype, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = HunyuanImage3RMSNorm(H, eps, params_dtype)
         self.mlp = HunyuanImage3MoE(config, layer_idx, params_dtype, prefix=f"{prefix}.mlp")
 
-    def forward(self, x_BSH, cos, sin, segments, kv_cache=None) -> torch.Tensor:
-        h_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin, segments, kv_cache)
-        return h_BSH + self.mlp(self.post_attention_layernorm(h_BSH))
+    def forward(self, x_BSH, residual_BSH, cos, sin, segments, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (MoE output, residual): the layer's output is their sum, formed by the next layer's
+        input norm in the same kernel (add_rms_norm). residual None: x is the embedding."""
+        if residual_BSH is None:
+            residual_BSH, normed_BSH = x_BSH, self.input_layernorm(x_BSH)
+        else:
+            residual_BSH, normed_BSH = add_rms_norm(x_BSH, residual_BSH, self.input_layernorm.weight, self.eps)
+        attn_BSH = self.self_attn(normed_BSH, cos, sin, segments, kv_cache)
+        residual_BSH, normed_BSH = add_rms_norm(attn_BSH, residual_BSH, self.post_attention_layernorm.weight, self.eps)
+        return self.mlp(normed_BSH), residual_BSH
 
 
 class HunyuanImage3Model(nn.Module):
@@ -105,6 +114,7 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         if params_dtype is not None:
             for module in (self.timestep_emb, self.time_embed, self.time_embed_2, self.patch_embed, self.final_layer):
                 module.to(params_dtype)
+        self.sp_group = get_sp_group()  # size 1 without sequence parallel
         apply_sequence_parallel(self, config)
 
     @classmethod
@@ -165,15 +175,17 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         pos_y, pos_x = image_rope_positions(seq_len, img_start, h, w, device=device)
         cos, sin = rope_cos_sin(pos_y[q_start:], pos_x[q_start:], self.config.attention_head_dim, self.config.rope_theta)
         segments = attention_segments(seq_len, [(img_start, img_stop)], query_start=q_start)
-        shards = SequenceShards(q_start, seq_len, get_sp_group().world_size)
+        shards = SequenceShards(q_start, seq_len, self.sp_group.world_size)
         if shards.world_size > 1:  # this rank runs its share of the tokens (see sequence_parallel.py)
-            x_BSH, cos, sin, segments = split_pass(shards, x_BSH, cos, sin, segments)
+            x_BSH, cos, sin, segments = split_pass(shards, self.sp_group.rank, x_BSH, cos, sin, segments)
+        residual_BSH = None
         for layer in self.model.layers:
-            x_BSH = layer(x_BSH, cos, sin, segments, kv_cache)
+            x_BSH, residual_BSH = layer(x_BSH, residual_BSH, cos, sin, segments, kv_cache)
+        x_BSH = x_BSH + residual_BSH
         if kv_cache is not None and not cached:
             kv_cache.end_fill()
         if shards.world_size > 1:
-            x_BSH = gather_pass(shards, x_BSH)
+            x_BSH = gather_pass(shards, self.sp_group, x_BSH)
         image_hidden = x_BSH[:, img_start - q_start : img_stop - q_start]  # no ln_f before final_layer
         return self.final_layer(image_hidden, self.time_embed_2(timestep), h, w)
 
