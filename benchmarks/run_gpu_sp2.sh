@@ -11,6 +11,7 @@ set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
 B="python3 benchmarks/bench_pipeline.py"
 T2="torchrun --standalone --nproc-per-node 2 benchmarks/bench_pipeline.py"
 REAL="--model real-dummy --layers 32 --num-experts 64 --height 1024 --width 1024 --steps 50 --dtype bfloat16"

@@ -16,12 +16,14 @@ SCRIPT = str(ROOT / "examples" / "text_to_image" / "text_to_image.py")
 PROMPTS = ["a cat sitting on a red chair", "an astronaut riding a horse on the moon at night"]
 COMMON = ["--num-inference-steps", "3", "--seed", "1234", "--dtype", "float32"]
 MIN_PSNR, MIN_SSIM = 45.0, 0.995
+# The script's own folder is first on its sys.path: put this checkout's package before any installed omni_ep.
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def run(args, nproc=1, timeout=300, cache=None):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc-per-node={nproc}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=PYTHONPATH)
     if cache:
         env["OMNI_EP_CACHE"] = cache
     return subprocess.run(launcher + [SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -35,8 +37,9 @@ def run_ranks(args, nproc, timeout=240):
     """
     procs = []
     for rank in range(nproc):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=PYTHONPATH, RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT="29533")
         procs.append(subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env, cwd=ROOT))
     try:
