@@ -34,7 +34,9 @@ class SequenceShards:
 
     def __post_init__(self):
         if not 0 <= self.start <= self.stop:
-            raise ValueError(f"a pass runs positions [start, stop) with 0 <= start <= stop, got [{self.start}, {self.stop})")
+            raise ValueError(
+                f"a pass runs positions [start, stop) with 0 <= start <= stop, got [{self.start}, {self.stop})"
+            )
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
 

@@ -1,6 +1,6 @@
 """Sequence parallel: the sharding arithmetic, mask-free blocks of the pattern, the log-sum-exp merge (in process);
 Ulysses, ring and both against segmented_attention on random tensors, and the tiny transformer layer by layer
-against one process (step 0 and cached steps), on spawned gloo ranks: one spawn per world size. fp32."""
+against one process (step 0 and cached steps), on one spawn of 4 gloo ranks (SP2 layouts run twice, x DP2). fp32."""
 
 import pytest
 import torch
@@ -13,7 +13,12 @@ from omni_ep.layers.attention.ring import AttentionBlock, OnlineSoftmax, _attent
 from omni_ep.layers.attention.ulysses import check_ulysses_heads
 from omni_ep.models.hunyuan_image3 import HunyuanImage3KVCache, load_transformer
 from omni_ep.models.hunyuan_image3.attention import segmented_attention
-from omni_ep.models.hunyuan_image3.attention_mask import AttentionSegment, attention_segments, build_attention_mask, segment_blocks
+from omni_ep.models.hunyuan_image3.attention_mask import (
+    AttentionSegment,
+    attention_segments,
+    build_attention_mask,
+    segment_blocks,
+)
 from omni_ep.models.hunyuan_image3.sequence_parallel import HunyuanImage3SequenceParallelAttention, pad_segments
 from tests.launcher import run_ranks
 from tests.unit.hunyuan_reference import ensure_single_process_state, tiny_checkpoint_path, tiny_inputs
@@ -89,7 +94,8 @@ def test_attention_block_refuses_non_square_causal_blocks():
 # ---- log-sum-exp attention and its merge -------------------------------------------------------------------------
 def _random_qkv(seed, B=2, N=4, K=2, L=9, L_k=13, D=16):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, N, L, D, generator=g), torch.randn(B, K, L_k, D, generator=g), torch.randn(B, K, L_k, D, generator=g)
+    q = torch.randn(B, N, L, D, generator=g)
+    return q, torch.randn(B, K, L_k, D, generator=g), torch.randn(B, K, L_k, D, generator=g)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -128,15 +134,18 @@ def test_ulysses_heads_must_split_over_tp_and_ulysses():
         check_ulysses_heads(32, 8, 1, 3)
 
 
-# ---- on spawned ranks: one spawn per world size ----------------------------------------------------------------
+# ---- on 4 spawned ranks -----------------------------------------------------------------------------------------
+WORLD_SIZE = 4
 ATTENTION_LAYOUTS = {
-    2: {"U2": dict(ulysses_degree=2), "R2": dict(ring_degree=2)},
-    4: {"U2xR2": dict(ulysses_degree=2, ring_degree=2), "R4": dict(ring_degree=4), "U4 (KV heads shared)": dict(ulysses_degree=4)},
+    "U2 (x DP2)": dict(ulysses_degree=2, data_parallel_size=2), "R2 (x DP2)": dict(ring_degree=2, data_parallel_size=2),
+    "U2xR2": dict(ulysses_degree=2, ring_degree=2), "R4": dict(ring_degree=4),
+    "U4 (KV heads shared)": dict(ulysses_degree=4),
 }
 MODEL_LAYOUTS = {
-    2: {"U2+EP": dict(ulysses_degree=2, enable_expert_parallel=True), "R2": dict(ring_degree=2)},
-    4: {"U2xR2+EP": dict(ulysses_degree=2, ring_degree=2, enable_expert_parallel=True, all2all_backend="all2all"),
-        "U2xTP2+EP": dict(ulysses_degree=2, tensor_parallel_size=2, enable_expert_parallel=True)},
+    "U2 (x DP2)": dict(ulysses_degree=2, data_parallel_size=2),
+    "R2+EP (x DP2)": dict(ring_degree=2, data_parallel_size=2, enable_expert_parallel=True),
+    "U2xR2+EP": dict(ulysses_degree=2, ring_degree=2, enable_expert_parallel=True, all2all_backend="all2all"),
+    "U2xTP2+EP": dict(ulysses_degree=2, tensor_parallel_size=2, enable_expert_parallel=True),
 }
 # Attention inputs: text prefix [0, 14) (longer than one share of step 0 under SP2: 13 of 25), <timestep> at 14, an
 # image block [15, 23), a text tail [23, 25); cached steps run [14, 23): 9 tokens, padded under SP2 and SP4.
@@ -155,12 +164,12 @@ def _attention_inputs():
 
 
 def _passes():
-    """(shards-less description of) the two passes: (start, stop, segments)."""
+    """The two passes, step 0 and a cached step: (first position, stop, segments)."""
     return [(0, SEQ_LEN, attention_segments(SEQ_LEN, [IMAGE], 0)),
             (TIMESTEP, IMAGE[1], attention_segments(IMAGE[1], [IMAGE], TIMESTEP))]
 
 
-def _sp_attention(world_size):
+def _sp_attention():
     """This rank's output share of both passes: [B, L, N, D] each, with the KV cache filled by the first."""
     attention, cache, sp = HunyuanImage3SequenceParallelAttention(layer_idx=0), HunyuanImage3KVCache(), get_sp_group()
     cache.begin_fill(TIMESTEP)
@@ -202,13 +211,13 @@ def _model_passes(path):
 
 def _spawned_worker(rank, world_size, path):
     results = {}
-    for name, layout in ATTENTION_LAYOUTS[world_size].items():
+    for name, layout in ATTENTION_LAYOUTS.items():
         init_parallel_state(ParallelConfig(**layout))
         try:
-            results[f"attention {name}"] = (get_sp_group().rank, _sp_attention(world_size))
+            results[f"attention {name}"] = (get_sp_group().rank, get_sp_group().world_size, _sp_attention())
         finally:
             destroy_parallel_state()
-    for name, layout in MODEL_LAYOUTS[world_size].items():
+    for name, layout in MODEL_LAYOUTS.items():
         init_parallel_state(ParallelConfig(**layout))
         try:
             results[f"model {name}"] = (get_sp_group().rank, get_sp_group().world_size, _model_passes(path))
@@ -217,21 +226,20 @@ def _spawned_worker(rank, world_size, path):
     return results
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["2 ranks", "4 ranks"])
-def spawned(request):
-    """(world size, every rank's results) from one spawn of that many gloo ranks."""
-    return request.param, run_ranks(_spawned_worker, request.param, tiny_checkpoint_path(), timeout=240)
+@pytest.fixture(scope="module")
+def spawned():
+    """Every rank's results from one spawn of WORLD_SIZE gloo ranks."""
+    return run_ranks(_spawned_worker, WORLD_SIZE, tiny_checkpoint_path(), timeout=240)
 
 
 @pytest.mark.slow
 def test_ulysses_and_ring_attention_match_segmented_attention(spawned):
-    world_size, ranks = spawned
     expected = _single_attention()  # [B, S, N, D] of both passes
-    for name in ATTENTION_LAYOUTS[world_size]:
-        for results in ranks:
-            sp_rank, outs = results[f"attention {name}"]
+    for name in ATTENTION_LAYOUTS:
+        for results in spawned:
+            sp_rank, sp_size, outs = results[f"attention {name}"]
             for (start, stop, _), out, ref in zip(_passes(), outs, expected):
-                first, last = SequenceShards(start, stop, world_size).bounds(sp_rank)
+                first, last = SequenceShards(start, stop, sp_size).bounds(sp_rank)
                 real = min(last, stop) - first  # rows past stop are padding
                 torch.testing.assert_close(out[:, :real], ref[:, first - start : first - start + real], rtol=RTOL,
                                            atol=ATOL, msg=lambda m: f"{name} SP rank {sp_rank} pass at {start}: {m}")
@@ -239,11 +247,10 @@ def test_ulysses_and_ring_attention_match_segmented_attention(spawned):
 
 @pytest.mark.slow
 def test_transformer_layers_and_velocity_match_one_process(spawned):
-    world_size, ranks = spawned
     ensure_single_process_state()
     ref_velocities, ref_layers, passes = _model_passes(tiny_checkpoint_path())
-    for name in MODEL_LAYOUTS[world_size]:
-        for results in ranks:
+    for name in MODEL_LAYOUTS:
+        for results in spawned:
             sp_rank, sp_size, (velocities, layers, _) = results[f"model {name}"]
             for step, (v, ref) in enumerate(zip(velocities, ref_velocities)):
                 torch.testing.assert_close(v, ref, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name} velocity {step}: {m}")
