@@ -379,17 +379,17 @@ def ab_main(args) -> int:
 def shared_mlp_main(args) -> None:
     """--mode shared-mlp: the shared MLP of a HunyuanImage-3.0 MoE layer, replicated (what omni_ep runs) vs the
     per-rank share a tensor-parallel split would compute (I / TP), next to the routed experts of the same layer.
-    A TP split would add no collective (its partial output joins the layer's one TP all-reduce), so the
+    A TP split would add no collective (its partial output joins the layer's one TP collective), so the
     difference is compute alone."""
     from triton.testing import do_bench
 
     from omni_ep.config import ParallelConfig
     from omni_ep.distributed import destroy_parallel_state, init_parallel_state
-    from omni_ep.models.hunyuan_image3.moe import HunyuanFusedMoE, HunyuanImage3SharedMLP
+    from omni_ep.models.hunyuan_image3.moe import HunyuanImage3SharedMLP, fused_moe_class
 
     init_parallel_state(ParallelConfig())
     H, I, E, dev, dtype = args.hidden, args.intermediate, NUM_GLOBAL_EXPERTS, torch.device("cuda"), torch.bfloat16
-    experts = HunyuanFusedMoE(num_experts=E, top_k=args.top_k, hidden_size=H, intermediate_size=I,
+    experts = fused_moe_class()(num_experts=E, top_k=args.top_k, hidden_size=H, intermediate_size=I,
                               params_dtype=dtype).to(dev)
     for w in (experts.w13_weight, experts.w2_weight):
         w.data.normal_(0, 0.02)

@@ -123,7 +123,9 @@ def breakdown(prof, window_us: float) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_layout_args(p)
-    p.add_argument("--steps", type=int, default=4, help="steps of the profiled generation (step 0 + cached steps)")
+    p.add_argument("--steps", type=int, default=4, help="steps of the profiled generation")
+    p.add_argument("--from-step", type=int, default=0,
+                   help="profile steps from this one to the last (0: the whole generation; 3: cached steps replayed as a graph)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     pipe, state, world, load_s = load_pipeline(args)
@@ -135,20 +137,34 @@ def main() -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if state.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        pipe("a cup of coffee on the table", num_inference_steps=args.steps, **call)
-        sync()
-        window_us = (time.perf_counter() - t0) * 1e6
+    prof = torch.profiler.profile(activities=activities)
+    window = {}
+
+    def profile_steps(pipeline, step, timestep, tensors):
+        """Profile steps [--from-step, last]: from the end of step from_step - 1 to the end of the last."""
+        if step in (args.from_step - 1, args.steps - 1):
+            sync()
+            if step == args.from_step - 1:
+                prof.start()
+                window["t0"] = time.perf_counter()
+            else:
+                window["s"] = time.perf_counter() - window.get("t0", window.setdefault("t0", time.perf_counter()))
+                prof.stop()
+        return tensors
+
+    if args.from_step == 0:
+        prof.start()
+        window["t0"] = time.perf_counter()
+    pipe("a cup of coffee on the table", num_inference_steps=args.steps, callback_on_step_end=profile_steps, **call)
+    window_us = window["s"] * 1e6
     report = breakdown(prof, window_us)
-    graph = getattr(pipe, "last_cuda_graph", None)
-    report["cuda_graph"] = None if graph is None else (graph.captured, graph.error)
+    report["cuda_graph"] = getattr(pipe, "cuda_graph_status", None)
     reports = world.all_gather_object(report)
     if state.rank == 0:
-        meta = run_meta(args, pipe, load_s)
+        meta = run_meta(args, pipe, load_s) | dict(steps=args.steps, from_step=args.from_step)
         r = reports[0]
         print(f"{meta['device']} | {meta['layout']} | {args.model} {meta['layers']} layers, {args.height}x{args.width}, "
-              f"{args.steps} steps profiled | cuda graph {r['cuda_graph']}")
+              f"steps {args.from_step}..{args.steps - 1} of {args.steps} profiled | cuda graph {r['cuda_graph']}")
         print(f"window {r['window_ms']:.1f} ms, kernels {r['kernel_ms']:.1f} ms, busy {r['busy_ms']:.1f} ms, "
               f"idle {100 * r['idle_fraction']:.1f}%")
         for cat, v in r["categories"].items():

@@ -49,10 +49,10 @@ layouts)
   run tp2_no_ep --tensor-parallel-size 2
   ;;
 profile)
-  # Before (the previous commit's package, .ab_base) and after, the same layout.
+  # The steady state: cached steps 3..11, replayed as a graph (before: the previous commit's package, .ab_base).
   P="torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py --model real-dummy --layers 32 --height 1024
-     --width 1024 --steps 4 --cfg-parallel-size 2 $EP --all2all-backend ${2:-all2all}"
+     --width 1024 --steps 12 --from-step 3 --cfg-parallel-size 2 $EP --all2all-backend ${2:-all2all}"
   $P --package omni_ep_base --json "$OUT/profile_2xh200_cfg2_ep2_before.json" 2>&1 | tail -20
-  $P --json "$OUT/profile_2xh200_cfg2_ep2_after.json" 2>&1 | tail -20
+  $P --json "$OUT/profile_2xh200_cfg2_ep2_all2all.json" 2>&1 | tail -20
   ;;
 esac

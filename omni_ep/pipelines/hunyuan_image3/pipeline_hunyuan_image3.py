@@ -75,7 +75,9 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
         self.generation_config = generation_config or {}
         self.cuda_graphs = True  # on CUDA, the cached steps replay one captured graph (see cuda_graph.py)
-        self.last_cuda_graph: CachedStepGraph | None = None
+        # (captured, why not) of the last generation's graph; the graph itself is freed when its generation
+        # ends (a captured collective must not outlive it: its communicator could not be torn down).
+        self.cuda_graph_status: tuple[bool, str | None] | None = None
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -209,11 +211,17 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         all_latents = self.prepare_latents(len(prompts), latent_shape, seed, generator)
 
         results = []
+        # Without DP every rank holds the same final latents: all of them decode, a band of the image each.
+        decode_group = get_world_group() if dp_group.world_size == 1 else None
         for r, index in enumerate(schedule):
             keep = r < len(mine)
             latents = self.denoise(prompts[index], all_latents[index], height, width, num_inference_steps,
                                    guidance_scale, shift, callback_on_step_end)
-            if keep and tp_group.rank == 0 and cfg_group.rank == 0 and get_sp_group().rank == 0:
+            if decode_group is not None and output_type != "latent":
+                image = self.decode(latents, output_type, decode_group)
+                if keep and tp_group.rank == 0 and cfg_group.rank == 0 and get_sp_group().rank == 0:
+                    results.append((index, image))
+            elif keep and tp_group.rank == 0 and cfg_group.rank == 0 and get_sp_group().rank == 0:
                 results.append((index, self.decode(latents, output_type)))
 
         # 4. gather every prompt's result on rank 0
@@ -254,7 +262,7 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
                 return self.transformer(latents_BChw, t_B, image_slice, inputs.timestep_index, kv_cache=kv_cache)
 
         graphed = self.cuda_graphs and self.device.type == "cuda"
-        step_fn = CachedStepGraph(cached_step) if graphed else cached_step
+        step_fn = CachedStepGraph(cached_step, self.all_ranks_ok) if graphed else cached_step
         latents = latents.to(self.device)
         with self.progress_bar(total=num_inference_steps) as progress:
             for step, t in enumerate(timesteps):
@@ -275,8 +283,13 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
                     out = callback(self, step, t, {"latents": latents}) or {}
                     latents = out.get("latents", latents)
                 progress.update()
-        self.last_cuda_graph = step_fn if graphed else None
+        self.cuda_graph_status = (step_fn.captured, step_fn.error) if graphed else None
         return latents
+
+    def all_ranks_ok(self, ok: bool) -> bool:
+        """True when ``ok`` on every rank (one small all-reduce over the world)."""
+        failed = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        return get_world_group().all_reduce(failed).item() == 0
 
     @staticmethod
     def moe_token_bounds(first_tokens: int, cached_tokens: int) -> tuple[int, int]:
@@ -286,9 +299,10 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         return max(a for a, _ in sizes), max(b for _, b in sizes)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, output_type: str):
-        """latents [1, C, h, w] fp32 -> np [1, H, W, 3] / pt [1, 3, H, W] in [0, 1] / the latents themselves."""
+    def decode(self, latents: torch.Tensor, output_type: str, group=None):
+        """latents [1, C, h, w] fp32 -> np [1, H, W, 3] / pt [1, 3, H, W] in [0, 1] / the latents themselves.
+        group: every rank of it calls with the same latents and decodes a band (vae.decode_latents)."""
         if output_type == "latent":
             return latents.cpu()
-        image = decode_latents(self.vae, latents, self.transformer.config.vae.scaling_factor).cpu()
+        image = decode_latents(self.vae, latents, self.transformer.config.vae.scaling_factor, group).cpu()
         return image if output_type == "pt" else image.permute(0, 2, 3, 1).numpy()

@@ -39,7 +39,8 @@ class AllToAllDispatcher(Dispatcher):
         expert_map, expert_owner = self.tables(device)
         wanted_TR = torch.zeros(T, R, dtype=torch.bool, device=device)
         wanted_TR.scatter_(1, expert_owner[topk_ids], True)
-        slot_TR = torch.cumsum(wanted_TR, dim=0) - 1  # compacted position among the tokens sent to each rank
+        # Compacted position among the tokens sent to each rank (scanned along the inner dim: a fast scan).
+        slot_TR = (torch.cumsum(wanted_TR.t().to(torch.int32), dim=1) - 1).t()
         row_TR = torch.where(wanted_TR, slot_TR, B - 1) + B * torch.arange(R, device=device)
 
         send_x = hidden_states.new_empty(R * B, H)
