@@ -2,6 +2,8 @@
 Ulysses, ring and both against segmented_attention on random tensors, and the tiny transformer layer by layer
 against one process (step 0 and cached steps), on one spawn of 4 gloo ranks (SP2 layouts run twice, x DP2). fp32."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from omni_ep.distributed import destroy_parallel_state, get_sp_group, init_paral
 from omni_ep.distributed.sequence_shards import SequenceShards, sequence_shard_len
 from omni_ep.layers.attention.ring import AttentionBlock, OnlineSoftmax, _attention_with_lse_math, attention_with_lse
 from omni_ep.layers.attention.ulysses import check_ulysses_heads
-from omni_ep.models.hunyuan_image3 import HunyuanImage3KVCache, load_transformer
+from omni_ep.models.hunyuan_image3 import HunyuanImage3KVCache, HunyuanImage3Transformer2DModel, load_transformer
 from omni_ep.models.hunyuan_image3.attention import segmented_attention
 from omni_ep.models.hunyuan_image3.attention_mask import (
     AttentionSegment,
@@ -19,6 +21,7 @@ from omni_ep.models.hunyuan_image3.attention_mask import (
     build_attention_mask,
     segment_blocks,
 )
+from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import tiny_config
 from omni_ep.models.hunyuan_image3.sequence_parallel import HunyuanImage3SequenceParallelAttention, pad_segments
 from tests.launcher import run_ranks
 from tests.unit.hunyuan_reference import ensure_single_process_state, tiny_checkpoint_path, tiny_inputs
@@ -223,6 +226,13 @@ def _spawned_worker(rank, world_size, path):
             results[f"model {name}"] = (get_sp_group().rank, get_sp_group().world_size, _model_passes(path))
         finally:
             destroy_parallel_state()
+    init_parallel_state(ParallelConfig(ulysses_degree=4))
+    try:  # 6 heads do not split over 4 ulysses ranks: every rank refuses while building, before any collective
+        HunyuanImage3Transformer2DModel(dataclasses.replace(tiny_config(), num_attention_heads=6))
+    except ValueError as error:
+        results["U4 with 6 heads"] = str(error)
+    finally:
+        destroy_parallel_state()
     return results
 
 
@@ -261,3 +271,9 @@ def test_transformer_layers_and_velocity_match_one_process(spawned):
                 real = min(last, stop) - first
                 torch.testing.assert_close(out[:, :real], ref[:, first - start : first - start + real], rtol=RTOL,
                                            atol=ATOL, msg=lambda m: f"{name} SP rank {sp_rank} layer output {i}: {m}")
+
+
+@pytest.mark.slow
+def test_heads_that_do_not_split_over_ulysses_are_refused_on_every_rank(spawned):
+    for rank, results in enumerate(spawned):
+        assert "change --ulysses-degree or --tensor-parallel-size" in results.get("U4 with 6 heads", ""), rank
