@@ -6,6 +6,7 @@ memory per rank, in one process or under torchrun; and compare its output with a
     # the full-size model with dummy weights, CFG2 + EP2 on two GPUs, 50 steps
     torchrun --nproc-per-node 2 benchmarks/bench_pipeline.py --model real-dummy --layers 32 --steps 50 \
         --cfg-parallel-size 2 --enable-expert-parallel --all2all-backend all2all --json out.json
+    # sequence parallel: --ulysses-degree 2 or --ring-degree 2 in place of --cfg-parallel-size 2
     # Instruct-Distil at full size, 8 steps, DP2 + EP2 with two prompts (seconds per image = call / prompts)
     torchrun --nproc-per-node 2 benchmarks/bench_pipeline.py --model real-dummy --variant instruct-distil \
         --layers 32 --steps 8 --data-parallel-size 2 --enable-expert-parallel --num-prompts 2
@@ -50,6 +51,8 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--ulysses-degree", type=int, default=1)
+    p.add_argument("--ring-degree", type=int, default=1)
     p.add_argument("--cfg-parallel-size", type=int, default=1)
     p.add_argument("--data-parallel-size", type=int, default=1)
     p.add_argument("--enable-expert-parallel", action="store_true")
@@ -85,7 +88,8 @@ def load_pipeline(args):
     """(pipeline, parallel state, world group, load seconds) of --package with the layout of args."""
     pkg = importlib.import_module(args.package)
     dist = importlib.import_module(f"{args.package}.distributed")
-    config = pkg.ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, cfg_parallel_size=args.cfg_parallel_size,
+    config = pkg.ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, ulysses_degree=args.ulysses_degree,
+                                ring_degree=args.ring_degree, cfg_parallel_size=args.cfg_parallel_size,
                                 data_parallel_size=args.data_parallel_size,
                                 enable_expert_parallel=args.enable_expert_parallel, all2all_backend=args.all2all_backend)
     state = dist.init_parallel_state(config)

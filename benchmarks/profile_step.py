@@ -6,7 +6,10 @@
 Runs one warm-up generation, then profiles a generation of --steps steps (step 0 plus cached steps) with the torch
 profiler on every rank. Kernel time is summed per category (expert kernels, element-wise, attention, NCCL, GEMMs,
 other); idle is the share of the profiled window in which no kernel ran on the device (launch gaps, host syncs).
-Rank 0 prints its table; --json writes every rank's.
+The sequence-parallel exchanges (profiler ranges "ulysses_all_to_all", "ring_pass") get their own line: kernel time
+of the collectives launched inside the range, and its exposed part (when no kernel of another category runs). Those
+ranges are seen on eagerly run steps only (a replayed CUDA graph has no ranges): use --no-cuda-graph to attribute
+every step. Rank 0 prints its table; --json writes every rank's.
 """
 
 from __future__ import annotations
@@ -41,10 +44,52 @@ def category(name: str) -> str:
     return "other"
 
 
+# Profiler ranges around omni_ep's sequence-parallel collectives (layers/attention/ulysses.py, ring.py).
+EXCHANGE_RANGES = ("ulysses_all_to_all", "ring_pass")
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _exposed(intervals, others) -> float:
+    """Length of the union of intervals minus the union of others."""
+    total, covered = 0.0, _union(others)
+    for start, end in _union(intervals):
+        total += end - start - sum(max(0.0, min(end, b) - max(start, a)) for a, b in covered)
+    return total
+
+
+def exchange_times(events, kernels) -> dict:
+    """Per range of EXCHANGE_RANGES: kernel time of what was launched inside it and its exposed part (ms)."""
+    launched_in = {}  # id of a CPU op -> the range it ran in
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CPU and event.name in EXCHANGE_RANGES:
+            stack = [event]
+            while stack:
+                op = stack.pop()
+                launched_in[op.id] = event.name
+                stack.extend(op.cpu_children)
+    compute = [(s, e) for s, e, name, _ in kernels if category(name) != "nccl"]
+    out = {}
+    for label in EXCHANGE_RANGES:
+        mine = [(s, e) for s, e, _, op_id in kernels if launched_in.get(op_id) == label]
+        if mine:
+            out[label] = dict(kernel_ms=sum(e - s for s, e in mine) / 1e3, exposed_ms=_exposed(mine, compute) / 1e3)
+    return out
+
+
 def breakdown(prof, window_us: float) -> dict:
     """Kernel time per category and per kernel, and the idle share of the window (union of kernel intervals)."""
-    per_cat, per_kernel, intervals = defaultdict(float), defaultdict(float), []
-    for event in prof.events():
+    per_cat, per_kernel, intervals, kernels = defaultdict(float), defaultdict(float), [], []
+    events = prof.events()
+    for event in events:
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
         start, end = event.time_range.start, event.time_range.end
@@ -53,6 +98,7 @@ def breakdown(prof, window_us: float) -> dict:
         per_cat[category(event.name)] += end - start
         per_kernel[event.name] += end - start
         intervals.append((start, end))
+        kernels.append((start, end, event.name, getattr(event, "linked_correlation_id", 0)))
     busy, last_end, first = 0.0, None, None
     for start, end in sorted(intervals):
         first = start if first is None else first
@@ -70,6 +116,7 @@ def breakdown(prof, window_us: float) -> dict:
         idle_fraction=1 - busy / window_us if window_us else 0.0,
         categories={c: dict(ms=t / 1e3, share=t / total if total else 0.0) for c, t in sorted(per_cat.items(), key=lambda kv: -kv[1])},
         top_kernels=[dict(name=n[:160], ms=t / 1e3, category=category(n)) for n, t in top],
+        exchanges=exchange_times(events, kernels),
     )
 
 
@@ -122,6 +169,9 @@ def main() -> None:
               f"idle {100 * r['idle_fraction']:.1f}%")
         for cat, v in r["categories"].items():
             print(f"  {cat:12s} {v['ms']:9.1f} ms  {100 * v['share']:5.1f}%")
+        for label, v in r["exchanges"].items():
+            print(f"  {label:20s} kernels {v['kernel_ms']:8.1f} ms, exposed {v['exposed_ms']:8.1f} ms "
+                  "(eager steps only)")
         for k in r["top_kernels"][:12]:
             print(f"  {k['ms']:8.1f} ms  {k['category']:11s} {k['name'][:100]}")
         if args.json:

@@ -85,8 +85,6 @@ def main(argv=None) -> int:
             ring_degree=args.ring_degree, cfg_parallel_size=args.cfg_parallel_size,
             data_parallel_size=args.data_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
             all2all_backend=args.all2all_backend, expert_placement=args.expert_placement)
-        if config.sequence_parallel_size > 1:
-            raise NotImplementedError("sequence parallel (--ulysses-degree / --ring-degree > 1) is not supported yet")
         if args.model is not None and not os.path.isdir(args.model):
             raise FileNotFoundError(f"--model {args.model!r}: no such checkpoint folder")
         if args.model is not None:  # a layout the checkpoint cannot use fails before any process group

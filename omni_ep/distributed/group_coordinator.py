@@ -93,6 +93,35 @@ class GroupCoordinator:
         )
         return (out, work) if async_op else out
 
+    def ring_shift(self, x: torch.Tensor, async_op: bool = False):
+        """Send x to the next member (group rank + 1, the last to the first) and receive the previous member's
+        tensor of the same shape and dtype (async_op: as all_gather)."""
+        if self.world_size == 1:
+            return (x, None) if async_op else x
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        next_rank = self.ranks[(self.rank + 1) % self.world_size]
+        prev_rank = self.ranks[(self.rank - 1) % self.world_size]
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, next_rank, self.group),
+                                        dist.P2POp(dist.irecv, out, prev_rank, self.group)])
+        work = _AllWorks(works, keep_alive=x)
+        if async_op:
+            return out, work
+        work.wait()
+        return out
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.group)
+
+
+class _AllWorks:
+    """One wait() for several pending point-to-point operations; holds the send buffer until they finish."""
+
+    def __init__(self, works: list, keep_alive: torch.Tensor):
+        self.works, self.keep_alive = works, keep_alive
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.keep_alive = None

@@ -89,9 +89,8 @@ def test_cli_under_torchrun_matches_single_process(tiny_checkpoint, reference_pn
         (1, ["--model", "/nonexistent/hunyuan"], "no such checkpoint folder"),
         (2, ["--tensor-parallel-size", "4", "--enable-expert-parallel"], "needs 4 processes"),
         (1, ["--prompt"], "expected at least one argument"),
-        (1, ["--ulysses-degree", "2"], "not supported yet"),
     ],
-    ids=["height", "missing-model", "layout-vs-nproc", "empty-prompt-list", "sequence-parallel"],
+    ids=["height", "missing-model", "layout-vs-nproc", "empty-prompt-list"],
 )
 def test_cli_bad_input_fails_clearly_without_hang(nproc, args, message, tiny_checkpoint):
     model = [] if "--model" in args else ["--model", tiny_checkpoint]

@@ -2,6 +2,8 @@
 the base model and for Instruct-Distil (one row per prompt, guidance and MeanFlow r fed every step).
 
 Final latents within 1e-4 relative error; decoded images PSNR >= 45 dB and SSIM >= 0.995. fp32, gloo.
+Decoding is the slow part: the sequence-parallel layouts decode one backend's images per SP kind (ulysses, ring,
+both) and compare the latents of every run.
 """
 
 import numpy as np
@@ -17,37 +19,58 @@ from tests.launcher import run_ranks
 # Three prompts: with DP2 one rank gets two and the other one (and repeats it, dropping the result).
 PROMPTS = ["a cat sitting on a red chair", "an astronaut riding a horse on the moon at night", "a bowl of fruit"]
 CALL = dict(height=256, width=256, num_inference_steps=3, guidance_scale=5.0, seed=1234)
+# A text prefix (275 tokens) longer than one rank's share of step 0 under SP2 (266 of 532) and an odd image token
+# count (15 x 17 = 255): the prefix spans ranks (and ring blocks), and shares are padded on step 0.
+LONG_PROMPT = 3 * ("a long winding description of a quiet harbour town at dawn, with fishing boats, gulls, wet "
+                   "cobblestones and warm light in every window. ")
+LONG_CALL = CALL | dict(height=240, width=272)
 LATENT_RTOL, MIN_PSNR, MIN_SSIM = 1e-4, 45.0, 0.995
 
 BACKENDS = ("allgather_reducescatter", "all2all")
+NO_EP = dict(enable_expert_parallel=False)
 
-# name -> (checkpoint, layout, dispatch backends). Names with "DP" run every prompt of their checkpoint, the others
-# the first. Distil has no CFG parallel (nothing to split); one backend each keeps its added time small.
+# name -> (checkpoint, layout, dispatch backends). Expert parallel is on unless the layout turns it off (then the
+# run has no backend). Names with "DP" run every prompt of their checkpoint, the others the first. Distil has no
+# CFG parallel (nothing to split); one backend each keeps its added time small.
 LAYOUTS = {
     2: {"CFG2+EP": ("base", dict(cfg_parallel_size=2), BACKENDS),
         "TP2+EP": ("base", dict(tensor_parallel_size=2), BACKENDS),
         "DP2+EP": ("base", dict(data_parallel_size=2), BACKENDS),
+        "U2+EP": ("base", dict(ulysses_degree=2), BACKENDS),
+        "R2+EP": ("base", dict(ring_degree=2), BACKENDS),
+        "U2": ("base", dict(ulysses_degree=2, **NO_EP), ()),
         "Distil TP2+EP": ("distil", dict(tensor_parallel_size=2), ("all2all",)),
         "Distil DP2+EP": ("distil", dict(data_parallel_size=2), ("allgather_reducescatter",)),
-        # Sequence parallel comes with issue 15 (another branch); once loading accepts it, add:
-        # "Distil ulysses2+EP": ("distil", dict(ulysses_degree=2), ("all2all",)),
-        },
-    4: {"TP2xCFG2+EP": ("base", dict(tensor_parallel_size=2, cfg_parallel_size=2), BACKENDS)},
+        "Distil U2+EP": ("distil", dict(ulysses_degree=2), ("all2all",))},
+    4: {"TP2xCFG2+EP": ("base", dict(tensor_parallel_size=2, cfg_parallel_size=2), BACKENDS),
+        "U2xR2+EP": ("base", dict(ulysses_degree=2, ring_degree=2), BACKENDS),
+        "U2xCFG2+EP": ("base", dict(ulysses_degree=2, cfg_parallel_size=2), BACKENDS),
+        "U2xTP2+EP": ("base", dict(ulysses_degree=2, tensor_parallel_size=2), BACKENDS)},
 }
 # Distil: two prompts (DP2 gives each rank one); the base checkpoint's three cover DP's uneven split.
 PROMPTS_OF = {"base": PROMPTS, "distil": PROMPTS[:2]}
+LONG_PROMPT_LAYOUTS = {"R2+EP", "U2xR2+EP"}  # these run LONG_PROMPT at LONG_CALL's size
+# Sequence-parallel runs whose images are decoded: one per SP kind and checkpoint; the other SP runs compare
+# latents only.
+DECODED_SP_RUNS = {"U2+EP all2all", "R2+EP all2all", "U2xR2+EP all2all", "Distil U2+EP all2all"}
 
 
-def generate(path, config, prompts):
-    """(final latents [N, 32, h, w], images [N, H, W, 3]) on rank 0; (None, None) elsewhere. The images are the
-    pipeline's own decode of those latents."""
+def runs_of(world_size) -> list[tuple[str, str, dict, str | None]]:
+    """(run name, checkpoint, layout, backend) of every run on this world size."""
+    return [(f"{name} {backend}" if backend else name, checkpoint, kw, backend)
+            for name, (checkpoint, kw, backends) in LAYOUTS[world_size].items() for backend in backends or (None,)]
+
+
+def generate(path, config, prompts, call=CALL, decode=True):
+    """(final latents [N, 32, h, w], images [N, H, W, 3] or None without decode) on rank 0; (None, None)
+    elsewhere. The images are the pipeline's own decode of those latents."""
     init_parallel_state(config)
     try:
         pipe = HunyuanImage3Pipeline.from_pretrained(path, torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        latents = pipe(prompts, output_type="latent", **CALL)
-        if latents is None:
-            return None, None
+        latents = pipe(prompts, output_type="latent", **call)
+        if latents is None or not decode:
+            return (None if latents is None else latents.images), None
         images = np.concatenate([pipe.decode(z[None], "np") for z in latents.images])
     finally:
         destroy_parallel_state()
@@ -66,13 +89,23 @@ def distil_reference(tiny_distil_checkpoint):
     return generate(tiny_distil_checkpoint, ParallelConfig(), PROMPTS_OF["distil"])
 
 
+@pytest.fixture(scope="module")
+def long_prompt_reference(tiny_checkpoint):
+    torch.set_num_threads(1)
+    return generate(tiny_checkpoint, ParallelConfig(), [LONG_PROMPT], LONG_CALL)
+
+
 def layout_worker(rank, world_size, paths):
     results = {}
-    for name, (checkpoint, kw, backends) in LAYOUTS[world_size].items():
-        prompts = PROMPTS_OF[checkpoint] if "DP" in name else PROMPTS_OF[checkpoint][:1]
-        for backend in backends:
-            config = ParallelConfig(enable_expert_parallel=True, all2all_backend=backend, **kw)
-            results[f"{name} {backend}"] = generate(paths[checkpoint], config, prompts)
+    for run, checkpoint, kw, backend in runs_of(world_size):
+        name = run.rsplit(" ", 1)[0] if backend else run
+        prompts, call = ([LONG_PROMPT], LONG_CALL) if name in LONG_PROMPT_LAYOUTS else (PROMPTS_OF[checkpoint][:1], CALL)
+        prompts = PROMPTS_OF[checkpoint] if "DP" in name else prompts
+        kw = dict(enable_expert_parallel=True) | kw
+        sequence_parallel = kw.get("ulysses_degree", 1) * kw.get("ring_degree", 1) > 1
+        decode = not sequence_parallel or run in DECODED_SP_RUNS
+        config = ParallelConfig(**kw) if backend is None else ParallelConfig(all2all_backend=backend, **kw)
+        results[run] = generate(paths[checkpoint], config, prompts, call, decode)
     return results if rank == 0 else None
 
 
@@ -80,7 +113,8 @@ def compare(name, latents, images, reference):
     ref_latents, ref_images = reference
     n = latents.shape[0]
     err = ((latents - ref_latents[:n]).norm() / ref_latents[:n].norm()).item()
-    quality = [(psnr(images[i], ref_images[i]), ssim(images[i], ref_images[i])) for i in range(n)]
+    quality = [] if images is None else [(psnr(images[i], ref_images[i]), ssim(images[i], ref_images[i]))
+                                         for i in range(n)]
     print(f"{name:40s} latents rel err {err:.2e}  " + "  ".join(f"PSNR {p:.1f} dB SSIM {s:.5f}" for p, s in quality))
     assert err <= LATENT_RTOL, f"{name}: latents rel err {err:.2e}"
     for p, s in quality:
@@ -106,13 +140,14 @@ def test_distil_reference_is_not_trivial(distil_reference, reference):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_parallel_layouts_match_single_process(world_size, tiny_checkpoint, tiny_distil_checkpoint, reference,
-                                               distil_reference):
+                                               distil_reference, long_prompt_reference):
     paths = {"base": tiny_checkpoint, "distil": tiny_distil_checkpoint}
     (results,) = [r for r in run_ranks(layout_worker, world_size, paths, timeout=800) if r is not None]
-    assert len(results) == sum(len(backends) for _, _, backends in LAYOUTS[world_size].values())
-    references = {"base": reference, "distil": distil_reference}
-    for name, (latents, images) in results.items():
-        compare(name, latents, images, references["distil" if name.startswith("Distil") else "base"])
+    assert sorted(results) == sorted(run for run, *_ in runs_of(world_size))
+    for run, checkpoint, _, backend in runs_of(world_size):
+        name = run.rsplit(" ", 1)[0] if backend else run
+        ref = long_prompt_reference if name in LONG_PROMPT_LAYOUTS else {"base": reference, "distil": distil_reference}[checkpoint]
+        compare(run, *results[run], ref)
 
 
 @pytest.mark.slow

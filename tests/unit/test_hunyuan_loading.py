@@ -38,7 +38,7 @@ def _velocity(model, seed=0):
 
 
 LAYOUTS = {"EP2": dict(data_parallel_size=2, enable_expert_parallel=True), "TP2": dict(tensor_parallel_size=2)}
-UNSUPPORTED = {"SP2": dict(ulysses_degree=2), "PP2": dict(pipeline_parallel_size=2)}
+UNSUPPORTED = {"PP2": dict(pipeline_parallel_size=2)}
 
 
 def _load_report(path, layout, load_format="safetensors"):
@@ -136,7 +136,7 @@ def test_dummy_weights_are_the_same_model_in_every_layout(two_ranks):
 
 
 @pytest.mark.slow
-def test_sequence_and_pipeline_parallel_are_refused(two_ranks):
+def test_pipeline_parallel_is_refused(two_ranks):
     for name in UNSUPPORTED:
         messages = [r[name] for r in two_ranks]
         assert all(isinstance(m, str) and "not supported yet" in m for m in messages), (name, messages)

@@ -41,7 +41,8 @@ class HunyuanImage3KVCache:
 
     The prefix is every token before ``<timestep>``. Text never attends to the image, so its K/V do not
     change across steps; later steps run only ``[<timestep>, image tokens]`` and prepend the cached keys.
-    Stored per layer after RoPE and QK-norm, before the GQA repeat: k, v [B, N_kv, L, D].
+    Stored per layer after RoPE and QK-norm, before the GQA repeat: k, v [B, N_kv, L, D]. Under sequence
+    parallel every rank stores the whole prefix of the KV heads its attention runs (see sequence_parallel.py).
     """
 
     def __init__(self):
@@ -75,19 +76,28 @@ class HunyuanImage3KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Filling: keep k, v [B, N_kv, :prefix_len, D] and return them unchanged.
         Filled: return cat(cached, k), cat(cached, v) [B, N_kv, prefix_len + S, D]."""
+        cached = self.prefix(layer_idx, k.shape[0])
+        if cached is None:
+            self.store(layer_idx, k[:, :, : self.prefix_len], v[:, :, : self.prefix_len])
+            return k, v
+        return torch.cat([cached[0], k], dim=2), torch.cat([cached[1], v], dim=2)
+
+    def prefix(self, layer_idx: int, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stored prefix k, v [B, N_kv, prefix_len, D] of a layer; None before the filling pass stored it."""
         if self.prefix_len is None:
             raise RuntimeError("call begin_fill(prefix_len) before the first forward that uses this cache")
         if layer_idx not in self.keys:
-            self.keys[layer_idx] = k[:, :, : self.prefix_len].contiguous()
-            self.values[layer_idx] = v[:, :, : self.prefix_len].contiguous()
-            return k, v
-        cached_k, cached_v = self.keys[layer_idx], self.values[layer_idx]
-        if cached_k.shape[0] != k.shape[0]:
+            return None
+        if self.keys[layer_idx].shape[0] != batch:
             raise ValueError(
-                f"the KV cache holds a batch of {cached_k.shape[0]} rows but this step has {k.shape[0]}; "
+                f"the KV cache holds a batch of {self.keys[layer_idx].shape[0]} rows but this step has {batch}; "
                 "call reset() when the batch changes"
             )
-        return torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep a layer's prefix k, v [B, N_kv, prefix_len, D] (during the filling pass)."""
+        self.keys[layer_idx], self.values[layer_idx] = k.contiguous(), v.contiguous()
 
 
 class HunyuanImage3Attention(nn.Module):
@@ -130,6 +140,7 @@ class HunyuanImage3Attention(nn.Module):
             raise ValueError("use_qk_norm=false is not implemented (HunyuanImage-3.0 uses QK-norm)")
         self.query_layernorm = HunyuanImage3RMSNorm(self.head_dim, config.rms_norm_eps, params_dtype)
         self.key_layernorm = HunyuanImage3RMSNorm(self.head_dim, config.rms_norm_eps, params_dtype)
+        self.sequence_parallel = None  # the sequence-parallel attention core, when the SP group has > 1 rank
 
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qkv [B, S, N_kv * (G + 2) * D] -> q [B, N, S, D], k, v [B, N_kv, S, D] (grouped per KV head)."""
@@ -154,12 +165,19 @@ class HunyuanImage3Attention(nn.Module):
             qkv, cos, sin, self.query_layernorm.weight, self.key_layernorm.weight, self.query_layernorm.eps,
             self.num_kv_heads, self.group_size, self.head_dim,
         )
-        if kv_cache is not None:
-            k_BKSD, v_BKSD = kv_cache.store_or_extend(self.layer_idx, k_BKSD, v_BKSD)
-        out_BSND = segmented_attention(q_BNSD, k_BKSD, v_BKSD, segments)
+        out_BSND = self.core_attention(q_BNSD, k_BKSD, v_BKSD, segments, kv_cache)
         B, S, N, D = out_BSND.shape
         out, _ = self.o_proj(out_BSND.reshape(B, S, N * D))
         return out
+
+    def core_attention(self, q_BNSD, k_BKSD, v_BKSD, segments, kv_cache) -> torch.Tensor:
+        """Softmax attention of this rank's queries over every key they see (cached prefix included): [B, S, N, D].
+        Under sequence parallel, ``sequence_parallel`` (set by ``apply_sequence_parallel``) runs it."""
+        if self.sequence_parallel is not None:
+            return self.sequence_parallel(q_BNSD, k_BKSD, v_BKSD, segments, kv_cache)
+        if kv_cache is not None:
+            k_BKSD, v_BKSD = kv_cache.store_or_extend(self.layer_idx, k_BKSD, v_BKSD)
+        return segmented_attention(q_BNSD, k_BKSD, v_BKSD, segments)
 
 
 def segmented_attention(

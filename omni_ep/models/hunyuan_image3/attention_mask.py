@@ -7,7 +7,8 @@ The model never builds the dense mask: ``attention_segments`` cuts the queries i
 key prefix with no mask (an image block: every key up to the block's end) or causally (text). On a cached
 denoising step that is one key prefix for the <timestep> row and one for the image, two mask-free attention
 calls. ``build_attention_mask`` (True = attend) is the pattern written out, against which the segments are
-tested.
+tested. ``segment_blocks`` cuts the pattern of a block of queries over a block of keys into mask-free pieces
+(for ring attention, where each rank holds one block of the sequence).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from omni_ep.layers.attention.ring import AttentionBlock
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,33 @@ def attention_segments(
             segments.append(AttentionSegment(max(q, start), end, end, False))
         q = max(q, end)
     return tuple(segments)
+
+
+def segment_blocks(
+    segments: Sequence[AttentionSegment], queries: tuple[int, int], keys: tuple[int, int]
+) -> tuple[AttentionBlock, ...]:
+    """Queries [q0, q1) over keys [k0, k1) (sequence positions) under the segments' pattern, as blocks that need
+    no mask: a query run over the keys all of its queries see, and for causal text the square diagonal block
+    (query i sees keys up to i) plus the keys before it (seen by all) and the queries after it (which see all of
+    it). Queries outside the segments, and queries that see no key of the run, get no block."""
+    (q0, q1), (k0, k1) = queries, keys
+    blocks = []
+    for seg in segments:
+        qa, qb = max(seg.q_start, q0), min(seg.q_end, q1)
+        if qa >= qb:
+            continue
+        if not seg.causal:
+            if min(k1, seg.kv_end) > k0:
+                blocks.append(AttentionBlock(qa, qb, k0, min(k1, seg.kv_end)))
+            continue
+        if min(k1, qa) > k0:  # keys before the first query: every query sees them
+            blocks.append(AttentionBlock(qa, qb, k0, min(k1, qa)))
+        d0, d1 = max(k0, qa), min(k1, qb)  # keys among the queries' own positions
+        if d0 < d1:
+            blocks.append(AttentionBlock(d0, d1, d0, d1, causal=True))
+            if d1 < qb:  # queries past the key run see all of it
+                blocks.append(AttentionBlock(d1, qb, d0, d1))
+    return tuple(blocks)
 
 
 def build_attention_mask(

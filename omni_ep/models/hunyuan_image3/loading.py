@@ -389,11 +389,10 @@ class DummyCheckpoint:
 # ---- entry points -----------------------------------------------------------------------------------------
 def _check_supported_layout() -> None:
     config = get_parallel_config()
-    if config.sequence_parallel_size > 1 or config.pipeline_parallel_size > 1:
+    if config.pipeline_parallel_size > 1:
         raise NotImplementedError(
-            f"HunyuanImage-3.0 with sequence parallel (ulysses x ring = {config.sequence_parallel_size}) or "
-            f"pipeline parallel ({config.pipeline_parallel_size}) > 1 is not supported yet; use TP, CFG, DP and "
-            "expert parallel"
+            f"HunyuanImage-3.0 with pipeline parallel ({config.pipeline_parallel_size}) > 1 is not supported yet; "
+            "use TP, SP (ulysses x ring), CFG, DP and expert parallel"
         )
 
 

@@ -18,6 +18,9 @@ stores the prefix K/V; later steps run only the meta slots (``<timestep>`` [``<g
 and the image tokens, whose embeddings all come from the embedders (no input_ids needed). Tokens after the
 image (``<eoi>``, ``</answer>``, ...) are dropped there: under the mask no image token attends to a later token.
 
+Sequence parallel (``sequence_parallel.py``): each SP rank runs a contiguous share of the pass's tokens through
+the decoder layers (attention by ulysses / ring exchanges); the shares are gathered again before ``final_layer``.
+
 Placement of every weight (``PLACEMENT``): "column"/"row" are TP-sharded (contiguous row / column chunks),
 "expert" tensors live only on the EP rank that owns the expert (TP-sharded in I when EP is off),
 "replicated" is held whole by every rank.
@@ -28,6 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from omni_ep.distributed import get_sp_group
+from omni_ep.distributed.sequence_shards import SequenceShards
 from omni_ep.layers.fused_ops import add_rms_norm
 from omni_ep.models.hunyuan_image3.attention import (
     HunyuanImage3Attention,
@@ -39,6 +44,7 @@ from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
 from omni_ep.models.hunyuan_image3.embeddings import HunyuanTimestepEmbedder, HunyuanUNetDown, HunyuanUNetUp
 from omni_ep.models.hunyuan_image3.moe import HunyuanImage3MoE
 from omni_ep.models.hunyuan_image3.rope import image_rope_positions, rope_cos_sin
+from omni_ep.models.hunyuan_image3.sequence_parallel import apply_sequence_parallel, gather_pass, split_pass
 
 # Checkpoint name pattern -> how it is split over ranks. Anything not listed is replicated.
 PLACEMENT = {
@@ -119,6 +125,8 @@ class HunyuanImage3Transformer2DModel(nn.Module):
                            self.guidance_emb, self.timestep_r_emb):
                 if module is not None:
                     module.to(params_dtype)
+        self.sp_group = get_sp_group()  # size 1 without sequence parallel
+        apply_sequence_parallel(self, config)
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> HunyuanImage3Transformer2DModel:
@@ -183,12 +191,17 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         pos_y, pos_x = image_rope_positions(seq_len, img_start, h, w, device=device)
         cos, sin = rope_cos_sin(pos_y[q_start:], pos_x[q_start:], self.config.attention_head_dim, self.config.rope_theta)
         segments = attention_segments(seq_len, [(img_start, img_stop)], query_start=q_start)
+        shards = SequenceShards(q_start, seq_len, self.sp_group.world_size)
+        if shards.world_size > 1:  # this rank runs its share of the tokens (see sequence_parallel.py)
+            x_BSH, cos, sin, segments = split_pass(shards, self.sp_group.rank, x_BSH, cos, sin, segments)
         residual_BSH = None
         for layer in self.model.layers:
             x_BSH, residual_BSH = layer(x_BSH, residual_BSH, cos, sin, segments, kv_cache)
         x_BSH = x_BSH + residual_BSH
         if kv_cache is not None and not cached:
             kv_cache.end_fill()
+        if shards.world_size > 1:
+            x_BSH = gather_pass(shards, self.sp_group, x_BSH)
         image_hidden = x_BSH[:, img_start - q_start : img_stop - q_start]  # no ln_f before final_layer
         return self.final_layer(image_hidden, self.time_embed_2(timestep), h, w)
 

@@ -1,4 +1,4 @@
-"""Text-to-image with HunyuanImage-3.0, in diffusers' shape, on any TP x CFG x DP (+ EP) layout.
+"""Text-to-image with HunyuanImage-3.0, in diffusers' shape, on any TP x SP x CFG x DP (+ EP) layout.
 
     pipe = HunyuanImage3Pipeline.from_pretrained(path, parallel_config=ParallelConfig(...), torch_dtype=torch.bfloat16)
     images = pipe("a cat", height=1024, width=1024, seed=1234).images   # rank 0; None on the other ranks
@@ -10,6 +10,9 @@ Parallel layout of one call:
 - CFG: without CFG parallel a rank runs the batch [cond; uncond]; with cfg_parallel_size=2 CFG rank 0 runs cond
   and rank 1 uncond, and the two velocities are all-gathered. v = v_uncond + g * (v_cond - v_uncond), fp32.
 - TP ranks run the same rows (attention heads split); EP splits the experts over every rank of the stage.
+- SP (ulysses x ring) ranks run the same rows, each a contiguous share of the tokens (see the model's
+  sequence_parallel.py); the model gathers the shares before its final layer, so every SP rank gets the whole
+  velocity and the same latents (SP rank 0 decodes).
 Latents of prompt i come from ``torch.Generator().manual_seed(seed + i)`` on the CPU (or from ``generator``
 drawn in prompt order), so results do not depend on the layout. Rank 0 returns the images of every prompt in
 order; every other rank returns None.
@@ -38,11 +41,13 @@ from omni_ep.distributed import (
     get_dp_group,
     get_ep_group,
     get_parallel_state,
+    get_sp_group,
     get_tp_group,
     get_world_group,
     init_parallel_state,
     is_parallel_state_initialized,
 )
+from omni_ep.distributed.sequence_shards import sequence_shard_len
 from omni_ep.forward_context import set_forward_context
 from omni_ep.models.hunyuan_image3 import (
     HunyuanImage3KVCache,
@@ -233,9 +238,9 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
                                    guidance_scale, shift, callback_on_step_end, sections)
             if decode_group is not None and output_type != "latent":
                 image = self.decode(latents, output_type, decode_group)
-                if keep and tp_group.rank == 0 and cfg_group.rank == 0:
+                if keep and tp_group.rank == 0 and cfg_group.rank == 0 and get_sp_group().rank == 0:
                     results.append((index, image))
-            elif keep and tp_group.rank == 0 and cfg_group.rank == 0:
+            elif keep and tp_group.rank == 0 and cfg_group.rank == 0 and get_sp_group().rank == 0:
                 results.append((index, self.decode(latents, output_type)))
 
         # 4. gather every prompt's result on rank 0
@@ -265,9 +270,12 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
             input_ids = input_ids[cfg_group.rank : cfg_group.rank + 1]  # this rank's branch
         rows = input_ids.shape[0]
         image_slice = slice(*inputs.image_slice)
-        # cached steps run the meta slots (<timestep> [<guidance>] [<timestep_r>]) and the image, per row
-        first_bound, cached_bound = self.moe_token_bounds(rows * input_ids.shape[1],
-                                                          rows * (image_slice.stop - inputs.timestep_index))
+        # Cached steps run the meta slots (<timestep> [<guidance>] [<timestep_r>]) and the image, per row; an SP
+        # rank feeds its share of each pass (padding included).
+        sp_size = get_sp_group().world_size
+        first_bound, cached_bound = self.moe_token_bounds(
+            rows * sequence_shard_len(input_ids.shape[1], sp_size),
+            rows * sequence_shard_len(image_slice.stop - inputs.timestep_index, sp_size))
         scheduler, timesteps = make_scheduler(num_inference_steps, shift, device=self.device)
         # Instruct-Distil: {"guidance": [N], "timestep_r": [N]}, inputs of the captured step (they change per step)
         conditioning = self.variant.step_conditioning(timesteps, guidance_scale)
