@@ -58,8 +58,8 @@ distil)
   run tp2_ep2_all2all --tensor-parallel-size 2 $EP --all2all-backend all2all
   run dp2_ep2_allgather_reducescatter --data-parallel-size 2 $EP --all2all-backend allgather_reducescatter --num-prompts 2
   run dp2_ep2_all2all --data-parallel-size 2 $EP --all2all-backend all2all --num-prompts 2
-  # Sequence parallel (issue 15, another branch): once bench_pipeline.py takes --ulysses-degree, add
-  # run sp2_ep2_all2all --ulysses-degree 2 $EP --all2all-backend all2all
+  run u2_ep2_all2all --ulysses-degree 2 $EP --all2all-backend all2all
+  run r2_ep2_all2all --ring-degree 2 $EP --all2all-backend all2all
   ;;
 profile)
   # The steady state: cached steps 3..11, replayed as a graph (before: the previous commit's package, .ab_base).
