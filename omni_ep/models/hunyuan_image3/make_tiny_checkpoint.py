@@ -167,13 +167,16 @@ def write_tiny_checkpoint(
     seed: int = 0,
     num_shards: int = 4,
     config: HunyuanImage3Config | None = None,
+    corpus: tuple[str, ...] | None = None,
 ) -> str:
-    """Write the tiny checkpoint into ``directory`` (created if needed); returns its path."""
+    """Write the tiny checkpoint into ``directory`` (created if needed); returns its path. ``corpus``: the
+    sentences the tokenizer's BPE is trained on (default: a few built-in ones)."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     config = config or tiny_config()
 
-    write_tiny_tokenizer(directory, vocab_size=min(TINY_VOCAB_SIZE, config.vocab_size))
+    corpus_kw = {} if corpus is None else {"corpus": tuple(corpus)}
+    write_tiny_tokenizer(directory, vocab_size=min(TINY_VOCAB_SIZE, config.vocab_size), **corpus_kw)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)

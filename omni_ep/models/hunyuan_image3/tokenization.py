@@ -3,7 +3,9 @@
 Sequence, per row (S tokens):
     <bos> {prompt tokens} <boi> <img_size_{base}> <img_ratio_k> <timestep> <img> x (h*w) <eoi>
 Classifier-free guidance appends uncond rows: the same template with every prompt token replaced one-for-one
-by <cfg>, so cond and uncond rows share length, positions and mask. Special tokens are resolved BY NAME.
+by <cfg>, so cond and uncond rows share length, positions and mask. A negative prompt takes the place of the
+first <cfg> tokens of its uncond row (its tokens, then <cfg> up to the prompt's length); one longer than its
+prompt cannot share the row layout and is refused. Special tokens are resolved BY NAME.
 
 Resolution buckets (base 1024, step 64): from base x base, step height up / width down (and the reverse)
 by `step`, clamped to [base/2, 2*base], until both limits are hit; 33 buckets sorted by height/width:
@@ -102,6 +104,14 @@ class HunyuanImage3SpecialTokens:
         )
 
 
+def negative_prompt_too_long(negative_tokens: int, prompt_tokens: int) -> str:
+    return (
+        f"the negative prompt has {negative_tokens} tokens but its prompt has {prompt_tokens}; the uncond row takes the "
+        "prompt's place token for token (both rows share positions, mask and KV cache), so shorten the negative "
+        "prompt or lengthen the prompt"
+    )
+
+
 @dataclass(frozen=True)
 class TextToImageInputs:
     """Token layout of one text-to-image batch.
@@ -130,11 +140,13 @@ def build_text_to_image_inputs(
     guidance: bool,
     base_size: int = 1024,
     vae_downsample: int = 16,
+    negative_prompts: list[str] | None = None,
 ) -> TextToImageInputs:
     """Token ids for prompts at the bucket nearest to height x width.
 
     All prompts must tokenize to the same length (one shared layout); run prompts of different lengths
     in separate calls. height, width of the result are the bucket's; latent grid = bucket // vae_downsample.
+    negative_prompts (one per prompt, with guidance): the text of each uncond row, padded with <cfg> tokens.
     """
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
@@ -161,7 +173,14 @@ def build_text_to_image_inputs(
 
     rows = [row(ids) for ids in prompt_ids]
     if guidance:
-        rows += [row([special.cfg] * num_prompt_tokens) for _ in prompt_ids]
+        negatives = negative_prompts if negative_prompts is not None else [""] * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
+        for text in negatives:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) > num_prompt_tokens:
+                raise ValueError(negative_prompt_too_long(len(ids), num_prompt_tokens))
+            rows.append(row(ids + [special.cfg] * (num_prompt_tokens - len(ids))))
     timestep_index = 1 + num_prompt_tokens + len(head) - 1
     image_start = timestep_index + 1
     return TextToImageInputs(
@@ -187,11 +206,14 @@ _TINY_CORPUS = (
 
 
 def write_tiny_tokenizer(
-    directory: str | os.PathLike, vocab_size: int = 512, image_base_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    directory: str | os.PathLike,
+    vocab_size: int = 512,
+    image_base_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024),
+    corpus: tuple[str, ...] = _TINY_CORPUS,
 ) -> None:
     """Write a small real HF fast tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json).
 
-    Byte-level BPE trained offline on a few sentences (lowercased), so any text tokenizes; holds bos/eos/pad and
+    Byte-level BPE trained offline on ``corpus`` (lowercased), so any text tokenizes; holds bos/eos/pad and
     every special token the text-to-image template resolves by name, with <img_size_s> for each image_base_sizes.
     Loadable with transformers.AutoTokenizer.from_pretrained(directory).
     """
@@ -211,7 +233,7 @@ def write_tiny_tokenizer(
         special_tokens=[bos, eos, pad, *extra],
         show_progress=False,
     )
-    backend.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    backend.train_from_iterator(corpus, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad, additional_special_tokens=extra
     )

@@ -1,24 +1,42 @@
 """Text-to-image with HunyuanImage-3.0, in diffusers' shape, on any TP x CFG x DP (+ EP) layout.
 
-    pipe = HunyuanImage3Pipeline.from_pretrained(path, parallel_config=ParallelConfig(...), torch_dtype=torch.bfloat16)
+    pipe = HunyuanImage3Pipeline.from_pretrained(path, parallel_config=ParallelConfig(...))
     images = pipe("a cat", height=1024, width=1024, seed=1234).images   # rank 0; None on the other ranks
 
+Defaults: weights in fp32 on a CPU and bf16 on an accelerator (``default_dtype``; the VAE decoder stays fp32 on a
+CPU, where a bf16 decode is many times slower); steps and guidance from the checkpoint's generation_config.json
+(``diff_infer_steps``, ``diff_guidance_scale``), else 50 and 5.0; the size is the model's ``image_base_size``.
+A requested size is snapped to the resolution bucket nearest in aspect ratio (a warning names the size made;
+``supported_sizes`` lists them). Everything that needs no weight is checked by ``check_inputs`` (a function of
+config.json, the tokenizer and the layout, so a launcher can run it before loading).
+
+Guidance: with guidance_scale > 1 each image runs the rows [cond; uncond] and v = v_uncond + g (v_cond - v_uncond)
+in fp32; guidance_scale <= 1 turns it off (one row per image, logged). The uncond row is the cond row's template
+with the prompt tokens replaced one-for-one by <cfg> tokens; a negative_prompt puts its own tokens first and fills
+up with <cfg> to the prompt's token length (the rows share positions, mask and KV cache); a negative prompt longer
+than its prompt is an error.
+
 Parallel layout of one call:
-- DP: the list of prompts is split round-robin over DP ranks (prompt i on DP rank i % DP). Every DP rank runs
-  the same number of generations (a rank with fewer prompts repeats its last one and drops the result), because
-  the expert-parallel group spans DP ranks and every rank must enter every MoE collective.
-- CFG: without CFG parallel a rank runs the batch [cond; uncond]; with cfg_parallel_size=2 CFG rank 0 runs cond
-  and rank 1 uncond, and the two velocities are all-gathered. v = v_uncond + g * (v_cond - v_uncond), fp32.
+- DP: the prompts are split round-robin over DP ranks (prompt i, with its num_images_per_prompt images, on DP
+  rank i % DP). Every DP rank runs the same number of generations (a rank with fewer prompts repeats its last one
+  and drops the result), because the expert-parallel group spans DP ranks and every rank must enter every MoE
+  collective.
+- CFG: without CFG parallel a rank runs [cond; uncond]; with cfg_parallel_size=2 CFG rank 0 runs the cond rows and
+  rank 1 the uncond rows, and the two velocities are all-gathered.
 - TP ranks run the same rows (attention heads split); EP splits the experts over every rank of the stage.
-Latents of prompt i come from ``torch.Generator().manual_seed(seed + i)`` on the CPU (or from ``generator``
-drawn in prompt order), so results do not depend on the layout. Rank 0 returns the images of every prompt in
-order; every other rank returns None.
+Latents: image k (prompt k // n, n = num_images_per_prompt) is ``latents[k]``, or drawn on the CPU from
+``generator[k]``, from one ``generator`` in image order, or from ``torch.Generator().manual_seed(seed + k)``, so
+results do not depend on the layout. Rank 0 returns the images of every prompt in order; every other rank None.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+import re
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +44,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
 from omni_ep.config import ParallelConfig
@@ -41,17 +60,49 @@ from omni_ep.distributed import (
 )
 from omni_ep.forward_context import set_forward_context
 from omni_ep.models.hunyuan_image3 import (
+    HunyuanImage3Config,
     HunyuanImage3KVCache,
     load_transformer,
     load_vae_decoder,
 )
+from omni_ep.models.hunyuan_image3.moe import HunyuanImage3Router
 from omni_ep.models.hunyuan_image3.saving import save_checkpoint
-from omni_ep.models.hunyuan_image3.tokenization import build_text_to_image_inputs
+from omni_ep.models.hunyuan_image3.tokenization import (
+    TextToImageInputs,
+    build_text_to_image_inputs,
+    negative_prompt_too_long,
+    resolution_buckets,
+    snap_to_bucket,
+)
 from omni_ep.models.hunyuan_image3.vae import decode_latents
 from omni_ep.pipelines.cuda_graph import CachedStepGraph
 from omni_ep.pipelines.hunyuan_image3.scheduling import make_scheduler
 
+logger = logging.getLogger(__name__)
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+CALLBACK_TENSOR_INPUTS = ("latents", "noise_pred")  # what callback_on_step_end may ask for
+TEMPLATE_TOKENS = 6  # <bos>, <boi>, <img_size>, <img_ratio>, <timestep>, <eoi> around the prompt and the image
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """The weights' dtype when none is given: fp32 on a CPU (bf16 matmuls are slow there), bf16 elsewhere."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def vae_dtype_for(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
+    """The VAE decoder's dtype: fp32 on a CPU (a bf16 decode there takes minutes instead of seconds), else dtype."""
+    return torch.float32 if torch.device(device).type == "cpu" else dtype
+
+
+def read_generation_config(path: str | os.PathLike) -> dict:
+    """``generation_config.json`` of a checkpoint folder ({} when there is none)."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
 
 
 @dataclass
@@ -61,16 +112,183 @@ class HunyuanImage3PipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
+@dataclass(frozen=True)
+class TextToImageRequest:
+    """One call's inputs, checked and resolved: what the denoising loop runs. height x width is the bucket made."""
+
+    prompts: list[str]
+    negative_prompts: list[str] | None  # one per prompt, None: all-<cfg> uncond rows
+    num_images_per_prompt: int
+    height: int
+    width: int
+    requested_size: tuple[int, int]
+    sigmas: list[float]  # N unshifted sigmas; the schedule shifts them by flow_shift
+    guidance_scale: float
+    flow_shift: float
+    prompt_tokens: list[int]  # token count of each prompt
+
+    @property
+    def num_inference_steps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
+
+
+def check_inputs(
+    config: HunyuanImage3Config,
+    tokenizer,
+    parallel_config: ParallelConfig,
+    generation_config: dict,
+    prompt: str | list[str],
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int | None = None,
+    sigmas: list[float] | None = None,
+    guidance_scale: float | None = None,
+    negative_prompt: str | list[str] | None = None,
+    num_images_per_prompt: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
+    output_type: str = "pil",
+    callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+    flow_shift: float | None = None,
+) -> TextToImageRequest:
+    """Check a call and fill in its defaults; raise a ValueError saying what to change.
+
+    Needs no weight (config.json, the tokenizer, the layout), and gives the same answer on every rank, so it runs
+    before loading (in a launcher) and before any collective (in ``__call__``).
+    """
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("every prompt must be a string")
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+    if negatives is not None:
+        if not isinstance(negatives, (list, tuple)) or not all(isinstance(p, str) for p in negatives):
+            raise ValueError("negative_prompt must be a string or a list of strings")
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+
+    factor, base = config.vae_downsample_factor[0], config.image_base_size
+    height, width = base if height is None else height, base if width is None else width
+    if height % factor or width % factor or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+    _, bucket_h, bucket_w = snap_to_bucket(height, width, base)
+
+    if sigmas is not None:
+        sigmas = [float(s) for s in sigmas]
+        if not sigmas or any(not 0 < s <= 1 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"sigmas must be a non-empty, strictly decreasing list in (0, 1], got {sigmas}")
+        if num_inference_steps is not None and num_inference_steps != len(sigmas):
+            raise ValueError(f"num_inference_steps={num_inference_steps} but {len(sigmas)} sigmas; give one of them")
+        num_inference_steps = len(sigmas)
+    if num_inference_steps is None:
+        num_inference_steps = int(generation_config.get("diff_infer_steps", 50))
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if sigmas is None:
+        sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].tolist()
+
+    if guidance_scale is None:
+        guidance_scale = float(generation_config.get("diff_guidance_scale", 5.0))
+    if parallel_config.cfg_parallel_size == 2 and guidance_scale <= 1.0:
+        raise ValueError(
+            f"cfg_parallel_size=2 runs one guidance branch per rank and needs guidance_scale > 1 "
+            f"(got {guidance_scale}); use cfg_parallel_size=1 without guidance"
+        )
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    unknown = [name for name in callback_on_step_end_tensor_inputs if name not in CALLBACK_TENSOR_INPUTS]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} unknown; choose from {CALLBACK_TENSOR_INPUTS}")
+
+    num_images = len(prompts) * num_images_per_prompt
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != num_images:
+            raise ValueError(
+                f"{len(generator)} generators for {num_images} images ({len(prompts)} prompts x "
+                f"num_images_per_prompt={num_images_per_prompt}); give one per image, or a single generator"
+            )
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError("generator must be a torch.Generator or a list of them")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+    latent_shape = (num_images, config.latent_channels, bucket_h // factor, bucket_w // factor)
+    if latents is not None and tuple(latents.shape) != latent_shape:
+        raise ValueError(
+            f"latents must be [images, C, h, w] = {list(latent_shape)} for {num_images} images of "
+            f"{bucket_h}x{bucket_w}, got {list(latents.shape)}"
+        )
+
+    image_tokens = (bucket_h // factor) * (bucket_w // factor)
+    limit = config.max_position_embeddings - image_tokens - TEMPLATE_TOKENS
+    prompt_tokens = [len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+    for i, n in enumerate(prompt_tokens):
+        if n > limit:
+            raise ValueError(
+                f"prompt {i} has {n} tokens; with the {image_tokens} image tokens of {bucket_h}x{bucket_w} and "
+                f"{TEMPLATE_TOKENS} template tokens its sequence is {n + image_tokens + TEMPLATE_TOKENS} tokens, "
+                f"more than the model's max_position_embeddings ({config.max_position_embeddings}); shorten it to "
+                f"at most {max(limit, 0)} tokens or ask for a smaller image"
+            )
+    if negatives is not None and guidance_scale > 1.0:
+        for n, text in zip(prompt_tokens, negatives):
+            negative_tokens = len(tokenizer.encode(text, add_special_tokens=False))
+            if negative_tokens > n:
+                raise ValueError(negative_prompt_too_long(negative_tokens, n))
+
+    shift = flow_shift if flow_shift is not None else float(generation_config.get("flow_shift", 3.0))
+    return TextToImageRequest(
+        prompts=list(prompts), negative_prompts=list(negatives) if negatives is not None else None,
+        num_images_per_prompt=num_images_per_prompt, height=bucket_h, width=bucket_w, requested_size=(height, width),
+        sigmas=sigmas, guidance_scale=float(guidance_scale), flow_shift=shift, prompt_tokens=prompt_tokens,
+    )
+
+
+def warn_if_resized(request: TextToImageRequest) -> None:
+    if request.requested_size != (request.height, request.width):
+        logger.warning("%dx%d is not one of this model's sizes: making %dx%d, the bucket nearest in aspect ratio "
+                       "(supported_sizes, or the CLI's --list-sizes, lists them)", *request.requested_size,
+                       request.height, request.width)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 2**30, "500MB" (10**6) or "2GiB" (2**30)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*", str(size))
+    if not match:
+        raise ValueError(f"max_shard_size must be bytes or a size like '5GB' / '500MiB', got {size!r}")
+    unit = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[match[2]]
+    return int(match[1]) * unit
+
+
 class HunyuanImage3Pipeline(DiffusionPipeline):
     """Prompt -> tokens -> transformer (denoising loop, flow-matching Euler) -> VAE decoder -> image."""
+
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     def __init__(self, transformer, vae, tokenizer, generation_config: dict | None = None):
         """The scheduler is made per call (flow-matching Euler with explicit shifted sigmas)."""
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
         self.generation_config = generation_config or {}
+        self.checkpoint_dtype: torch.dtype | None = None  # what save_pretrained writes (the checkpoint's own)
         self.cuda_graphs = True  # on CUDA, the cached steps replay one captured graph (see cuda_graph.py)
         self.last_cuda_graph: CachedStepGraph | None = None
+        self._guidance_scale, self._num_timesteps, self._interrupt = None, None, False
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -78,14 +296,14 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         parallel_config: ParallelConfig | None = None,
-        torch_dtype: torch.dtype = torch.bfloat16,
+        torch_dtype: torch.dtype | None = None,
         load_format: str = "safetensors",
         vae_dtype: torch.dtype | None = None,
         **kwargs,
     ) -> HunyuanImage3Pipeline:
         """Load from a HunyuanImage-3.0 checkpoint folder (the released layout). Initialises the parallel state
         from ``parallel_config`` unless it already is; each rank loads only its share of the weights.
-        The VAE decoder runs in ``vae_dtype`` (default fp32 on CPU, else torch_dtype)."""
+        torch_dtype: default ``default_dtype(device)``; vae_dtype: default ``vae_dtype_for(device, torch_dtype)``."""
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         path = os.fspath(pretrained_model_name_or_path)
@@ -100,24 +318,46 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         device = get_parallel_state().device
         from transformers import PreTrainedTokenizerFast
 
+        torch_dtype = torch_dtype or default_dtype(device)
+        vae_dtype = vae_dtype or vae_dtype_for(device, torch_dtype)
+        start = time.perf_counter()
         transformer = load_transformer(path, dtype=torch_dtype, device=device, load_format=load_format)
-        vae_dtype = vae_dtype or (torch.float32 if device.type == "cpu" else torch_dtype)
         if load_format == "dummy":
             from omni_ep.models.hunyuan_image3.vae import HunyuanVAEDecoder
 
             vae = HunyuanVAEDecoder.from_vae_config(transformer.config.vae.to_dict()).to(device, vae_dtype).eval()
         else:
             vae = load_vae_decoder(path, dtype=vae_dtype, device=device)
+        stats = transformer.load_stats
+        logger.debug("loaded %s in %.1f s: read %.1f MB (%.1f MB of experts) for the transformer", path,
+                     time.perf_counter() - start, stats.bytes_read / 1e6, stats.expert_bytes_read / 1e6)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)  # tokenizer.json
-        generation_config = {}
-        if os.path.isfile(os.path.join(path, "generation_config.json")):
-            with open(os.path.join(path, "generation_config.json")) as f:
-                generation_config = json.load(f)
-        return cls(transformer, vae, tokenizer, generation_config=generation_config)
+        pipe = cls(transformer, vae, tokenizer, generation_config=read_generation_config(path))
+        pipe.checkpoint_dtype = stats.stored_dtype or torch_dtype
+        return pipe
 
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_bytes: int = 2**30, **kwargs) -> None:
-        """Write the released layout: config.json, generation_config.json, tokenizer files, shards + index.
-        Needs the whole model in one process (a single-process pipeline)."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "1GiB",
+        push_to_hub: bool = False,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> None:
+        """Write the released layout: config.json, generation_config.json, tokenizer files, safetensors shards of
+        at most ``max_shard_size`` + index, in ``torch_dtype`` (default: the dtype the checkpoint was stored in, so
+        a bf16 checkpoint loaded in fp32 is written back in bf16). Needs the whole model in one process."""
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        if not safe_serialization:
+            raise ValueError("HunyuanImage-3.0 checkpoints are safetensors shards; safe_serialization=False is not supported")
+        if variant is not None:
+            raise ValueError(f"variant={variant!r}: weight variants are not supported; save without one")
+        if push_to_hub:
+            raise NotImplementedError("push_to_hub is not supported: save_pretrained, then upload the folder")
+        max_shard_bytes = parse_size(max_shard_size)
         if get_world_group().world_size != 1:
             raise ValueError("save_pretrained needs the whole model in one process; load it without parallelism")
         os.makedirs(save_directory, exist_ok=True)
@@ -125,7 +365,47 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         with open(os.path.join(save_directory, "generation_config.json"), "w") as f:
             json.dump(self.generation_config, f, indent=2)
         self.tokenizer.save_pretrained(save_directory)
-        save_checkpoint(self.transformer, self.vae, save_directory, max_shard_bytes)
+        dtype = torch_dtype or self.checkpoint_dtype or self.dtype
+        save_checkpoint(self.transformer, self.vae, save_directory, max_shard_bytes, dtype=dtype)
+
+    def to(self, *args, **kwargs) -> HunyuanImage3Pipeline:
+        """``to(device)``, ``to(dtype)``, ``to(device, dtype)`` or by keyword; returns self.
+
+        dtype: the transformer's weights (the router stays fp32); the VAE decoder follows ``vae_dtype_for`` (fp32
+        on a CPU). device: each rank's share of the weights and its process groups live on the device the parallel
+        state picked, so only that device is accepted (a no-op); load with from_pretrained on another machine to
+        run elsewhere. Everything is checked before anything is cast.
+        """
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        kwargs.pop("silence_dtype_warnings", None)
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif isinstance(arg, (str, torch.device)):
+                device = arg
+            else:
+                raise TypeError(f"to() takes a device and/or a dtype, got {arg!r}")
+        if device is not None:
+            device = torch.device(device)
+            if device.type != self.device.type or device.index not in (None, self.device.index):
+                raise ValueError(
+                    f"this pipeline's weights live on {self.device}, where the parallel state placed them; moving "
+                    f"them to {device} is not supported: load with from_pretrained where {device} is the device"
+                )
+        if dtype is not None and dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES.values()))}, got {dtype}")
+        if dtype is not None and dtype != self.dtype:
+            router = {id(p) for m in self.transformer.modules() if isinstance(m, HunyuanImage3Router)
+                      for p in m.parameters()}
+            for param in self.transformer.parameters():
+                if id(param) not in router and param.is_floating_point():
+                    param.data = param.data.to(dtype)
+            vae_dtype = vae_dtype_for(self.device, dtype)
+            self.vae.to(vae_dtype)
+            logger.info("weights in %s, VAE decoder in %s", dtype, vae_dtype)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -135,89 +415,133 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
-    # ---- the call ------------------------------------------------------------------------------------------
-    def check_inputs(self, prompts, height, width, num_inference_steps, guidance_scale, output_type):
-        """Raise a ValueError saying what to change; identical on every rank, so before any collective."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        if not all(isinstance(p, str) for p in prompts):
-            raise ValueError("every prompt must be a string")
-        factor = self.transformer.config.vae_downsample_factor[0]
-        if height % factor or width % factor or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if get_parallel_state().config.cfg_parallel_size == 2 and guidance_scale <= 1.0:
-            raise ValueError(
-                f"cfg_parallel_size=2 runs one guidance branch per rank and needs guidance_scale > 1 "
-                f"(got {guidance_scale}); use cfg_parallel_size=1 without guidance"
-            )
-        return list(prompts)
+    @property
+    def supported_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every resolution bucket this model makes, sorted by height / width."""
+        return list(resolution_buckets(self.transformer.config.image_base_size))
 
-    def prepare_latents(self, num_prompts, latent_shape, seed, generator) -> list[torch.Tensor]:
-        """One fp32 [1, C, h, w] latent per prompt, drawn on the CPU in prompt order (layout-independent)."""
-        latents = []
-        for i in range(num_prompts):
-            g = generator if generator is not None else torch.Generator().manual_seed((seed or 0) + i)
-            latents.append(torch.randn((1, *latent_shape), generator=g, dtype=torch.float32))
-        return latents
+    @property
+    def guidance_scale(self) -> float | None:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale is not None and self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int | None:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` from callback_on_step_end to stop the loop after this step (the latents
+        reached so far are decoded). The callback runs on every rank and must decide the same on all of them."""
+        return self._interrupt
+
+    # ---- the call ------------------------------------------------------------------------------------------
+    def check_inputs(self, prompt, **kwargs) -> TextToImageRequest:
+        """``check_inputs`` of this module with this pipeline's config, tokenizer and layout."""
+        return check_inputs(self.transformer.config, self.tokenizer, get_parallel_state().config,
+                            self.generation_config, prompt, **kwargs)
+
+    def prepare_latents(self, request: TextToImageRequest, seed, generator, latents) -> torch.Tensor:
+        """fp32 [images, C, h, w] on the CPU, image k of prompt k // n: ``latents`` as given, or drawn image by image
+        in order (the same on every rank and layout)."""
+        if latents is not None:
+            return latents.detach().float().cpu()
+        factor = self.transformer.config.vae_downsample_factor[0]
+        shape = (1, self.transformer.config.latent_channels, request.height // factor, request.width // factor)
+        drawn = []
+        for k in range(request.num_images):
+            if isinstance(generator, (list, tuple)):
+                g = generator[k]
+            else:
+                g = generator if generator is not None else torch.Generator().manual_seed((seed or 0) + k)
+            drawn.append(torch.randn(shape, generator=g, device=g.device, dtype=torch.float32).cpu())
+        return torch.cat(drawn)
+
+    def encode_prompt(self, request: TextToImageRequest, index: int) -> TextToImageInputs:
+        """Token ids of prompt ``index``: input_ids [n or 2n, S], its n cond rows, then (guidance) its n uncond rows."""
+        config = self.transformer.config
+        negatives = None if request.negative_prompts is None else [request.negative_prompts[index]]
+        inputs = build_text_to_image_inputs(
+            self.tokenizer, [request.prompts[index]], request.height, request.width,
+            request.do_classifier_free_guidance, config.image_base_size, config.vae_downsample_factor[0], negatives)
+        rows = inputs.input_ids.repeat_interleave(request.num_images_per_prompt, dim=0)
+        return dataclasses.replace(inputs, input_ids=rows)
 
     @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str],
-        height: int = 1024,
-        width: int = 1024,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
         seed: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - diffusers' signature
         flow_shift: float | None = None,
     ):
-        """Generate one image per prompt. Returns HunyuanImage3PipelineOutput (or a tuple) on rank 0, None elsewhere.
+        """Generate ``num_images_per_prompt`` images per prompt. Returns HunyuanImage3PipelineOutput (or a tuple) on
+        rank 0, None elsewhere.
 
-        callback_on_step_end(pipe, step, timestep, {"latents": latents}) may return {"latents": ...} to replace them.
+        height, width: default the model's image_base_size; snapped to the nearest resolution bucket (warned).
+        num_inference_steps, guidance_scale: default the checkpoint's generation_config (else 50, 5.0);
+        guidance_scale <= 1 runs without classifier-free guidance. sigmas: N unshifted sigmas in (0, 1], decreasing,
+        instead of linspace(1, 0, N+1)[:-1] (shifted by flow_shift, default the generation config's or 3.0).
+        negative_prompt: the uncond rows' text (see the module docstring). seed / generator / latents: see there.
+        callback_on_step_end(pipe, step, timestep, {name: tensor for callback_on_step_end_tensor_inputs}) may
+        return {"latents": ...} to replace them; "noise_pred" is the guided velocity [n, C, h, w] fp32.
         """
-        # 1. check inputs (before any collective)
-        prompts = self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale, output_type)
-        config, state = self.transformer.config, get_parallel_state()
+        # 1. check inputs (identical on every rank, so before any collective)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        request = self.check_inputs(
+            prompt, height=height, width=width, num_inference_steps=num_inference_steps, sigmas=sigmas,
+            guidance_scale=guidance_scale, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
+            seed=seed, generator=generator, latents=latents, output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, flow_shift=flow_shift)
+        self._guidance_scale, self._num_timesteps, self._interrupt = request.guidance_scale, len(request.sigmas), False
+        warn_if_resized(request)
+        if not request.do_classifier_free_guidance:
+            logger.info("guidance_scale %s <= 1: classifier-free guidance is off (one row per image)%s",
+                        request.guidance_scale, "; negative_prompt is unused" if negative_prompt is not None else "")
         cfg_group, dp_group, tp_group = get_cfg_group(), get_dp_group(), get_tp_group()
-        do_cfg = guidance_scale > 1.0
-        shift = flow_shift if flow_shift is not None else float(self.generation_config.get("flow_shift", 3.0))
 
         # 2. this DP rank's prompts, padded to the same number of generations on every DP rank
-        mine = list(range(dp_group.rank, len(prompts), dp_group.world_size))
-        rounds = -(-len(prompts) // dp_group.world_size)
+        num_prompts, n = len(request.prompts), request.num_images_per_prompt
+        mine = list(range(dp_group.rank, num_prompts, dp_group.world_size))
+        rounds = -(-num_prompts // dp_group.world_size)
         schedule = [mine[min(r, len(mine) - 1)] if mine else 0 for r in range(rounds)]
 
-        # 3. latents of every prompt (same draws on every rank)
-        probe = build_text_to_image_inputs(self.tokenizer, prompts[:1], height, width, do_cfg, config.image_base_size,
-                                           config.vae_downsample_factor[0])
-        latent_shape = (config.latent_channels, probe.latent_height, probe.latent_width)
-        all_latents = self.prepare_latents(len(prompts), latent_shape, seed, generator)
+        # 3. latents of every image (same draws on every rank)
+        all_latents = self.prepare_latents(request, seed, generator, latents)
 
+        # 4. denoise this rank's prompts (the n images of a prompt as one batch), decode
         results = []
         for r, index in enumerate(schedule):
-            keep = r < len(mine)
-            latents = self.denoise(prompts[index], all_latents[index], height, width, num_inference_steps,
-                                   guidance_scale, shift, callback_on_step_end)
-            if keep and tp_group.rank == 0 and cfg_group.rank == 0:
-                results.append((index, self.decode(latents, output_type)))
+            inputs = self.encode_prompt(request, index)
+            latents_i = self.denoise(inputs, all_latents[index * n : (index + 1) * n], request.sigmas,
+                                     request.guidance_scale, request.flow_shift, callback_on_step_end,
+                                     callback_on_step_end_tensor_inputs)
+            if r < len(mine) and tp_group.rank == 0 and cfg_group.rank == 0:
+                results.append((index, self.decode(latents_i, output_type)))
 
-        # 4. gather every prompt's result on rank 0
+        # 5. gather every prompt's images on rank 0
         gathered = get_world_group().all_gather_object(results)
         self.maybe_free_model_hooks()
-        if state.rank != 0:
+        if get_parallel_state().rank != 0:
             return None
         by_index = dict(item for part in gathered for item in part)
-        images = [by_index[i] for i in range(len(prompts))]
+        images = [by_index[i] for i in range(num_prompts)]
         if output_type == "pil":
             images = [im for batch in images for im in self.numpy_to_pil(batch)]
         elif output_type == "np":
@@ -226,20 +550,20 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
             images = torch.cat(images)
         return HunyuanImage3PipelineOutput(images=images) if return_dict else (images,)
 
-    def denoise(self, prompt, latents, height, width, num_inference_steps, guidance_scale, shift, callback):
-        """One prompt's denoising loop. latents [1, C, h, w] fp32 -> [1, C, h, w] fp32."""
-        config, cfg_group = self.transformer.config, get_cfg_group()
+    def denoise(self, inputs, latents, sigmas, guidance_scale, shift, callback, callback_tensor_inputs=("latents",)):
+        """One prompt's denoising loop, its n images as one batch. latents [n, C, h, w] fp32 -> [n, C, h, w] fp32;
+        inputs.input_ids [n or 2n, S] (n cond rows, then n uncond rows with guidance)."""
+        cfg_group = get_cfg_group()
         do_cfg = guidance_scale > 1.0
-        inputs = build_text_to_image_inputs(self.tokenizer, [prompt], height, width, do_cfg, config.image_base_size,
-                                            config.vae_downsample_factor[0])
-        input_ids = inputs.input_ids.to(self.device)  # [1 or 2, S]: cond (, uncond)
+        input_ids = inputs.input_ids.to(self.device)  # [n or 2n, S]: cond (, uncond)
         if cfg_group.world_size == 2:
-            input_ids = input_ids[cfg_group.rank : cfg_group.rank + 1]  # this rank's branch
+            input_ids = input_ids.chunk(2)[cfg_group.rank]  # this rank's branch
         rows = input_ids.shape[0]
+        branches = rows // latents.shape[0]  # 2 with guidance on one rank, else 1
         image_slice = slice(*inputs.image_slice)
         first_bound, cached_bound = self.moe_token_bounds(rows * input_ids.shape[1],
                                                           rows * (image_slice.stop - inputs.timestep_index))
-        scheduler, timesteps = make_scheduler(num_inference_steps, shift, device=self.device)
+        scheduler, timesteps = make_scheduler(len(sigmas), shift, device=self.device, sigmas=sigmas)
         kv_cache = HunyuanImage3KVCache()
 
         def cached_step(latents_BChw, t_B):
@@ -249,9 +573,11 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         graphed = self.cuda_graphs and self.device.type == "cuda"
         step_fn = CachedStepGraph(cached_step) if graphed else cached_step
         latents = latents.to(self.device)
-        with self.progress_bar(total=num_inference_steps) as progress:
+        with self.progress_bar(total=len(timesteps)) as progress:
             for step, t in enumerate(timesteps):
-                latents_in, t_in = latents.expand(rows, -1, -1, -1).to(self.dtype), t.expand(rows).to(self.device)
+                if self.interrupt:
+                    break
+                latents_in, t_in = latents.repeat(branches, 1, 1, 1).to(self.dtype), t.expand(rows).to(self.device)
                 if step == 0:
                     with set_forward_context(max_tokens_across_ep=first_bound):
                         v = self.transformer(latents_in, t_in, image_slice, inputs.timestep_index,
@@ -265,7 +591,8 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
                     v = v_uncond + guidance_scale * (v_cond - v_uncond)
                 latents = scheduler.step(v, t, latents, return_dict=False)[0]
                 if callback is not None:
-                    out = callback(self, step, t, {"latents": latents}) or {}
+                    tensors = {"latents": latents, "noise_pred": v}
+                    out = callback(self, step, t, {name: tensors[name] for name in callback_tensor_inputs}) or {}
                     latents = out.get("latents", latents)
                 progress.update()
         self.last_cuda_graph = step_fn if graphed else None
@@ -280,7 +607,7 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str):
-        """latents [1, C, h, w] fp32 -> np [1, H, W, 3] / pt [1, 3, H, W] in [0, 1] / the latents themselves."""
+        """latents [n, C, h, w] fp32 -> np [n, H, W, 3] / pt [n, 3, H, W] in [0, 1] / the latents themselves."""
         if output_type == "latent":
             return latents.cpu()
         image = decode_latents(self.vae, latents, self.transformer.config.vae.scaling_factor).cpu()
