@@ -17,7 +17,6 @@ version and thread count give the same file. Runtime: about 8 minutes on 2 CPU c
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -36,7 +35,6 @@ from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import tiny_config, writ
 from omni_ep.models.hunyuan_image3.saving import save_checkpoint
 from omni_ep.models.hunyuan_image3.tokenization import build_text_to_image_inputs
 from omni_ep.models.hunyuan_image3.vae import HunyuanVAEDecoder, HunyuanVAEResnetBlock, HunyuanVAEAttnBlock, _conv, _group_norm
-from omni_ep.pipelines.hunyuan_image3.scheduling import flow_match_sigmas
 
 logger = logging.getLogger("omni_ep.tools.train_demo_checkpoint")
 

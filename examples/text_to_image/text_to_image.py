@@ -95,11 +95,7 @@ def check_before_loading(args):
 
     from omni_ep.models.hunyuan_image3 import HunyuanImage3Config
     from omni_ep.models.hunyuan_image3.loading import check_supported_layout
-    from omni_ep.pipelines.hunyuan_image3.pipeline_hunyuan_image3 import (
-        check_inputs,
-        read_generation_config,
-        warn_if_resized,
-    )
+    from omni_ep.pipelines.hunyuan_image3.inputs import check_inputs, read_generation_config, warn_if_resized
 
     layout = ParallelConfig(
         tensor_parallel_size=args.tensor_parallel_size, ulysses_degree=args.ulysses_degree,
@@ -107,7 +103,6 @@ def check_before_loading(args):
         data_parallel_size=args.data_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, all2all_backend=args.all2all_backend,
         expert_placement=args.expert_placement)
-    layout.check_world_size(int(os.environ.get("WORLD_SIZE", 1)))
     check_supported_layout(layout)
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r}: no such checkpoint folder")
@@ -117,6 +112,7 @@ def check_before_loading(args):
                            height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
                            guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
                            num_images_per_prompt=args.num_images_per_prompt, seed=args.seed)
+    layout.check_world_size(int(os.environ.get("WORLD_SIZE", 1)))  # init_parallel_state checks it too, later
     warn_if_resized(request)
     paths = [] if args.print_layout else output_paths(args.output, request.num_images)
     return layout, config, request, paths
@@ -156,7 +152,6 @@ def main(argv=None) -> int:
 
     configure_logging(args.verbose - args.quiet)
     from omni_ep.distributed import destroy_parallel_state, get_world_group, init_parallel_state
-    from omni_ep.pipelines import HunyuanImage3Pipeline
     from omni_ep.pipelines.step_timer import StepTimer, peak_memory_gib
 
     try:
@@ -179,6 +174,8 @@ def main(argv=None) -> int:
             return 0
 
         # 3. load: each rank its share
+        from omni_ep.pipelines import HunyuanImage3Pipeline  # diffusers: seconds to import, so after the checks
+
         start = time.perf_counter()
         pipe = HunyuanImage3Pipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype],
                                                      load_format=args.load_format)

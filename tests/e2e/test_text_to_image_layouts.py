@@ -91,34 +91,10 @@ def test_save_pretrained_round_trip(tiny_checkpoint, tmp_path, reference):
     init_parallel_state(ParallelConfig())
     try:
         pipe = HunyuanImage3Pipeline.from_pretrained(tiny_checkpoint, torch_dtype=torch.float32)
-        pipe.save_pretrained(tmp_path / "saved", max_shard_bytes=2**20)
+        pipe.save_pretrained(tmp_path / "saved", max_shard_size="1MiB")
     finally:
         destroy_parallel_state()
     assert len(list((tmp_path / "saved").glob("model-*-of-*.safetensors"))) > 1
     torch.set_num_threads(1)
     latents, _ = generate(str(tmp_path / "saved"), ParallelConfig(), PROMPTS[:1])
     assert torch.equal(latents, reference[0][:1])
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(prompt=[]), "non-empty list"),
-        (dict(prompt="x", height=250), "multiples of 16"),
-        (dict(prompt="x", num_inference_steps=0), "num_inference_steps must be >= 1"),
-        (dict(prompt="x", output_type="jpeg"), "output_type must be one of"),
-    ],
-)
-def test_bad_call_arguments(tiny_checkpoint, kwargs, match):
-    init_parallel_state(ParallelConfig())
-    try:
-        pipe = HunyuanImage3Pipeline.from_pretrained(tiny_checkpoint, torch_dtype=torch.float32)
-        with pytest.raises(ValueError, match=match):
-            pipe(**kwargs)
-    finally:
-        destroy_parallel_state()
-
-
-def test_missing_checkpoint_folder():
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        HunyuanImage3Pipeline.from_pretrained("/nonexistent/hunyuan")

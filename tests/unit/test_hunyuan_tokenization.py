@@ -101,3 +101,20 @@ def test_bad_inputs(tokenizer):
         build_text_to_image_inputs(tokenizer, ["a cat"], 64, 64, True, base_size=2048)
     with pytest.raises(ValueError, match="list"):
         build_text_to_image_inputs(tokenizer, "a cat", 64, 64, True)
+
+
+def test_negative_prompt_takes_the_place_of_the_first_cfg_tokens(tokenizer):
+    special = HunyuanImage3SpecialTokens.from_tokenizer(tokenizer, 64)
+    prompt, negative = "a photo of a cat sitting on a red chair", "a dog"
+    n, m = (len(tokenizer.encode(t, add_special_tokens=False)) for t in (prompt, negative))
+    assert m < n
+    out = build_text_to_image_inputs(tokenizer, [prompt], 64, 64, True, 64, negative_prompts=[negative])
+    plain = build_text_to_image_inputs(tokenizer, [prompt], 64, 64, True, 64)
+    cond, uncond = out.input_ids.tolist()
+    assert cond == plain.input_ids[0].tolist() and len(uncond) == len(cond)  # one layout for both rows
+    assert uncond[1 : 1 + m] == tokenizer.encode(negative, add_special_tokens=False)
+    assert uncond[1 + m : 1 + n] == [special.cfg] * (n - m) and uncond[1 + n :] == cond[1 + n :]
+    empty = build_text_to_image_inputs(tokenizer, [prompt], 64, 64, True, 64, negative_prompts=[""])
+    assert torch.equal(empty.input_ids, plain.input_ids)  # "" is the official all-<cfg> row
+    with pytest.raises(ValueError, match="negative prompt has .* tokens but its prompt has"):
+        build_text_to_image_inputs(tokenizer, ["a cat"], 64, 64, True, 64, negative_prompts=[prompt])

@@ -19,16 +19,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 
 import torch
 from safetensors.torch import save_file
 
+from omni_ep.logger import configure_logging
 from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
 from omni_ep.models.hunyuan_image3.tokenization import write_tiny_tokenizer
 from omni_ep.models.hunyuan_image3.vae import HunyuanVAEDecoder
 
 TINY_VOCAB_SIZE = 512
+logger = logging.getLogger(__name__)
 
 
 def tiny_config(num_experts: int = 8, top_k: int = 2, num_layers: int = 2) -> HunyuanImage3Config:
@@ -226,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     args = parser.parse_args(argv)
+    configure_logging()
     write_tiny_checkpoint(args.directory, args.seed, args.num_shards, tiny_config(args.num_experts, args.top_k))
-    print(args.directory)
+    logger.info("wrote %s", args.directory)
 
 
 if __name__ == "__main__":
