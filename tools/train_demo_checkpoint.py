@@ -38,7 +38,7 @@ from omni_ep.models.hunyuan_image3.vae import HunyuanVAEDecoder, HunyuanVAEResne
 
 logger = logging.getLogger("omni_ep.tools.train_demo_checkpoint")
 
-IMAGE_SIZE = 128
+IMAGE_SIZE = 64
 # (scikit-image sample, caption): the prompts the demo checkpoint knows.
 DEMO_IMAGES = (
     ("coffee", "a cup of coffee on the table"),
@@ -46,19 +46,17 @@ DEMO_IMAGES = (
     ("astronaut", "an astronaut in a white spacesuit"),
     ("rocket", "a rocket on the launch pad"),
     ("camera", "a man with a camera, black and white"),
-    ("coins", "old coins on a dark background"),
     ("colorwheel", "a colour wheel"),
-    ("retina", "the retina of an eye"),
 )
 
 
 def demo_config() -> HunyuanImage3Config:
-    """The tiny architecture with a 128-pixel base size and a one-frame VAE of spatial factor 8."""
+    """The tiny architecture with a 64-pixel base size and a one-frame VAE of spatial factor 4."""
     config = tiny_config()
     config.image_base_size = IMAGE_SIZE
-    config.vae_downsample_factor = [8, 8]
+    config.vae_downsample_factor = [4, 4]
     config.vae = HunyuanImage3VAEConfig(
-        block_out_channels=[32, 32, 32, 32], layers_per_block=1, ffactor_spatial=8, ffactor_temporal=1,
+        block_out_channels=[32, 32, 32], layers_per_block=1, ffactor_spatial=4, ffactor_temporal=1,
         extra={"_class_name": "AutoencoderKLConv3D", "sample_size": IMAGE_SIZE, "sample_tsize": 1},
     )
     config.validate()
@@ -175,10 +173,23 @@ def cosine_lr(step: int, steps: int, peak: float, warmup: int = 50) -> float:
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
+def ssim_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM of image batches [B, C, H, W] in [0, 1] (11 x 11 Gaussian window, sigma 1.5, per channel), the
+    measure the demo is judged by; differentiable."""
+    g = torch.exp(-((torch.arange(11, dtype=x.dtype, device=x.device) - 5) ** 2) / (2 * 1.5**2))
+    window = ((g[:, None] * g[None, :]) / g.sum() ** 2)[None, None].repeat(x.shape[1], 1, 1, 1)
+    blur = lambda t: F.conv2d(t, window, groups=x.shape[1])  # noqa: E731 - valid region only
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return 1 - ssim.mean()
+
+
 def train_vae(images_B3HW: torch.Tensor, vae: HunyuanImage3VAEConfig, steps: int, device: torch.device,
-              crop_share: float = 0.8):
-    """Fit encoder + decoder to the images (L1 + MSE on the decoded frame, a small KL), the first ``crop_share`` of
-    the steps on random half-size windows, the rest on whole images. Returns both."""
+              crop_share: float = 0.0):
+    """Fit encoder + decoder to the images (L1 + MSE + SSIM on the decoded frame, a small KL), the first
+    ``crop_share`` of the steps on random half-size windows, the rest on whole images. Returns both."""
     encoder = use_one_frame_convs(HunyuanVAEEncoder(vae)).to(device)
     decoder = use_one_frame_convs(HunyuanVAEDecoder.from_vae_config(vae.to_dict())).to(device)
     params = [*encoder.parameters(), *decoder.parameters()]
@@ -199,6 +210,7 @@ def train_vae(images_B3HW: torch.Tensor, vae: HunyuanImage3VAEConfig, steps: int
         recon = decoder(z)[:, :, -1:]
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
         loss = (recon - x).abs().mean() + (recon - x).square().mean() + 1e-4 * kl
+        loss = loss + ssim_loss(recon[:, :, 0] / 2 + 0.5, x[:, :, 0] / 2 + 0.5)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -209,7 +221,7 @@ def train_vae(images_B3HW: torch.Tensor, vae: HunyuanImage3VAEConfig, steps: int
     return encoder.eval(), decoder.eval()
 
 
-def train_transformer(transformer, tokenizer, config, latents_BChw, captions, steps, device, rows=4, seed=0):
+def train_transformer(transformer, tokenizer, config, latents_BChw, captions, steps, device, rows=3, seed=0):
     """Flow matching on the fixed latents: x_s = (1 - s) x0 + s noise, target velocity noise - x0, t = s * 1000
     with s from the inference schedule's shifted distribution; one caption per forward (prompts of different token
     lengths), ``rows`` noise draws per caption, 10 % of them on the caption-free ``<cfg>`` row."""
@@ -300,7 +312,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("directory", help="where to write the checkpoint (replaced)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    parser.add_argument("--vae-steps", type=int, default=600, help="VAE optimiser steps (all images per step)")
+    parser.add_argument("--vae-steps", type=int, default=500, help="VAE optimiser steps (all images per step)")
     parser.add_argument("--steps", type=int, default=1500, help="transformer optimiser steps (all captions per step)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training device")
     parser.add_argument("--preview", default=None, help="PNG grid of generated (top) and training (bottom) images")

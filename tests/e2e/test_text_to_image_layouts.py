@@ -18,27 +18,29 @@ PROMPTS = ["a cat sitting on a red chair", "an astronaut riding a horse on the m
 CALL = dict(height=256, width=256, num_inference_steps=3, guidance_scale=5.0, seed=1234)
 LATENT_RTOL, MIN_PSNR, MIN_SSIM = 1e-4, 45.0, 0.995
 
+# "2 images": num_images_per_prompt=2, 4 rows a step under the MoE token bound; image 0 has the reference's seed.
 LAYOUTS = {
-    2: {"CFG2+EP": dict(cfg_parallel_size=2), "TP2+EP": dict(tensor_parallel_size=2),
+    2: {"CFG2+EP": dict(cfg_parallel_size=2), "TP2+EP 2 images": dict(tensor_parallel_size=2),
         "DP2+EP": dict(data_parallel_size=2)},
     4: {"TP2xCFG2+EP": dict(tensor_parallel_size=2, cfg_parallel_size=2)},
 }
 
 
-def generate(path, config, prompts):
-    """(final latents [N, 32, h, w], images [N, H, W, 3]) on rank 0; (None, None) elsewhere. The images are the
-    pipeline's own decode of those latents."""
+def generate(path, config, prompts, images_per_prompt=1):
+    """(final latents [N, 32, h, w], images [N, H, W, 3]) of the first image of each prompt on rank 0; (None, None)
+    elsewhere. The images are the pipeline's own decode of those latents."""
     init_parallel_state(config)
     try:
         pipe = HunyuanImage3Pipeline.from_pretrained(path, torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        latents = pipe(prompts, output_type="latent", **CALL)
-        if latents is None:
+        out = pipe(prompts, output_type="latent", num_images_per_prompt=images_per_prompt, **CALL)
+        if out is None:
             return None, None
-        images = np.concatenate([pipe.decode(z[None], "np") for z in latents.images])
+        latents = out.images[::images_per_prompt]
+        images = np.concatenate([pipe.decode(z[None], "np") for z in latents])
     finally:
         destroy_parallel_state()
-    return latents.images, images
+    return latents, images
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def layout_worker(rank, world_size, path):
         prompts = PROMPTS if "DP" in name else PROMPTS[:1]
         for backend in ("allgather_reducescatter", "all2all"):
             config = ParallelConfig(enable_expert_parallel=True, all2all_backend=backend, **kw)
-            results[f"{name} {backend}"] = generate(path, config, prompts)
+            results[f"{name} {backend}"] = generate(path, config, prompts, 2 if "2 images" in name else 1)
     return results if rank == 0 else None
 
 
