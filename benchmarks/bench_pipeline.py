@@ -142,12 +142,12 @@ def main() -> None:
         total = time.perf_counter() - timer.started
         steps = timer.step_seconds
         later = steps[1:] or steps
-        graph = getattr(pipe, "last_cuda_graph", None)
+        graph = getattr(pipe, "cuda_graph_status", None)
         row = dict(image_s=total, first_step_s=steps[0], later_step_s=sum(later) / len(later),
                    decode_and_rest_s=total - (timer.ends[-1] - timer.started),
                    peak_memory_gib_per_rank=world.all_gather_object(step_timer.peak_memory_gib(state.device)),
-                   cuda_graph_captured=None if graph is None else graph.captured,
-                   cuda_graph_error=None if graph is None else graph.error)
+                   cuda_graph_captured=None if graph is None else graph[0],
+                   cuda_graph_error=None if graph is None else graph[1])
 
     comparison = None
     if args.save_output or args.compare_output:

@@ -81,18 +81,20 @@ def main() -> None:
     args = p.parse_args()
     pipe, state, world, load_s = load_pipeline(args)
     call = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, seed=0, output_type="latent")
+    sync = torch.cuda.synchronize if state.device.type == "cuda" else (lambda: None)
     pipe("warm-up prompt", num_inference_steps=max(args.steps, 3), **call)
-    torch.cuda.synchronize()
+    sync()
     world.barrier()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if state.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
         pipe("a cup of coffee on the table", num_inference_steps=args.steps, **call)
-        torch.cuda.synchronize()
+        sync()
         window_us = (time.perf_counter() - t0) * 1e6
     report = breakdown(prof, window_us)
-    graph = pipe.last_cuda_graph
-    report["cuda_graph"] = None if graph is None else (graph.captured, graph.error)
+    report["cuda_graph"] = getattr(pipe, "cuda_graph_status", None)
     reports = world.all_gather_object(report)
     if state.rank == 0:
         meta = run_meta(args, pipe, load_s)

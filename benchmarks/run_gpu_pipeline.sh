@@ -1,13 +1,58 @@
 #!/usr/bin/env bash
-# One device call for the pipeline on one GPU: the CLI on CUDA, then bench_pipeline.py on the tiny checkpoint
-# and on a real-width 4-layer dummy model at 1024x1024. Needs the diffusers wheel in .whl/ (see benchmarks/README.md).
+# Device calls for the whole pipeline on two H200s (nvidia-h200-x2), one stage per call:
+#   bash benchmarks/run_gpu_pipeline.sh check     # exactness and agreement (about 6 min)
+#   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 9 min)
+#   bash benchmarks/run_gpu_pipeline.sh profile   # the kernel-time breakdown, previous commit and this one (about 4 min)
+# Carry .whl (the diffusers wheel, benchmarks/README.md) and, for "check", .ab_base (make_baseline_package.sh:
+# the previous commit's package, whose outputs this one must match). Logs and JSON go to $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMNI_EP_CACHE=/tmp/omni_cache
+export PYTHONPATH=/tmp/site:$PWD:$PWD/.ab_base PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+B="python3 benchmarks/bench_pipeline.py"
+T2="torchrun --standalone --nproc-per-node 2 benchmarks/bench_pipeline.py"
+EP="--enable-expert-parallel"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
-python3 examples/text_to_image/text_to_image.py --num-inference-steps 10 --output "$OUT/tiny_cuda.png" 2>&1 | grep -v "it/s" | tee "$OUT/cli_tiny_cuda.log"
-python3 benchmarks/bench_pipeline.py --model tiny --height 256 --width 256 --steps 10 --json "$OUT/pipeline_tiny.json" 2>&1 | tee "$OUT/pipeline_tiny.log"
-python3 benchmarks/bench_pipeline.py --model real-dummy --layers 4 --num-experts 64 --height 1024 --width 1024 --steps 10 \
-    --json "$OUT/pipeline_real4.json" 2>&1 | tee "$OUT/pipeline_real4.log"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+case "${1:-check}" in
+check)
+  # fp32, TF32 off, tiny checkpoint: the previous commit on one GPU, this one on one and two GPUs (limit 1e-4).
+  TINY="--model tiny --height 256 --width 256 --steps 4 --dtype float32 --no-timing"
+  export NVIDIA_TF32_OVERRIDE=0
+  $B --package omni_ep_base $TINY --save-output "$OUT/tiny_base.pt" 2>&1 | tail -1
+  $B $TINY --compare-output "$OUT/tiny_base.pt" --rtol 1e-4 2>&1 | grep -E "vs |Error"
+  $T2 $TINY --cfg-parallel-size 2 $EP --all2all-backend all2all --compare-output "$OUT/tiny_base.pt" --rtol 1e-4 2>&1 | grep -E "vs |Error"
+  $T2 $TINY --tensor-parallel-size 2 $EP --compare-output "$OUT/tiny_base.pt" --rtol 1e-4 2>&1 | grep -E "vs |Error"
+  unset NVIDIA_TF32_OVERRIDE
+  # bf16 at real width, 8 layers (fit one GPU): EP2 layouts vs one GPU, final latents and images.
+  R8="--model real-dummy --layers 8 --steps 20"
+  $B $R8 --save-output "$OUT/real8_1gpu.pt" --json "$OUT/real8_1gpu.json" 2>&1 | tail -3
+  for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--cfg-parallel-size 2" \
+                "--tensor-parallel-size 2 --all2all-backend all2all"; do
+    $T2 $R8 $layout $EP --compare-output "$OUT/real8_1gpu.pt" 2>&1 | grep -E "vs |Error|graph"
+  done
+  # What the CUDA graph and the overlap buy, same layout, 8 layers.
+  for variant in "" "--no-cuda-graph" "--overlap-chunks 1" "--no-cuda-graph --overlap-chunks 1"; do
+    echo "== CFG2+EP2 all2all $variant"
+    $T2 $R8 --cfg-parallel-size 2 $EP --all2all-backend all2all $variant 2>&1 | tail -2
+  done
+  ;;
+layouts)
+  FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"
+  run() { name=$1; shift; echo "== $name"; $T2 $FULL "$@" --json "$OUT/pipeline_2xh200_$name.json" 2>&1 | tail -3; }
+  run cfg2_ep2_all2all --cfg-parallel-size 2 $EP --all2all-backend all2all
+  run cfg2_ep2_allgather_reducescatter --cfg-parallel-size 2 $EP --all2all-backend allgather_reducescatter
+  run tp2_ep2_all2all --tensor-parallel-size 2 $EP --all2all-backend all2all
+  run tp2_ep2_allgather_reducescatter --tensor-parallel-size 2 $EP --all2all-backend allgather_reducescatter
+  run tp2_no_ep --tensor-parallel-size 2
+  ;;
+profile)
+  # Before (the previous commit's package, .ab_base) and after, the same layout.
+  P="torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py --model real-dummy --layers 32 --height 1024
+     --width 1024 --steps 4 --cfg-parallel-size 2 $EP --all2all-backend ${2:-all2all}"
+  $P --package omni_ep_base --json "$OUT/profile_2xh200_cfg2_ep2_before.json" 2>&1 | tail -20
+  $P --json "$OUT/profile_2xh200_cfg2_ep2_after.json" 2>&1 | tail -20
+  ;;
+esac

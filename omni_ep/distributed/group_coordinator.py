@@ -47,18 +47,22 @@ class GroupCoordinator:
         out = out.movedim(0, dim)
         return (out, work) if async_op else out
 
-    def all_gather_row_chunks(self, x_CH: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """Join the members' row_chunk(num_rows, rank, world_size) chunks x_C... into all num_rows rows (chunk
-        sizes differ by at most one: each is padded to the largest for one all-gather)."""
+    def all_gather_uneven(self, x: torch.Tensor, sizes: list[int], dim: int = 0) -> torch.Tensor:
+        """Concatenate along ``dim`` the members' tensors, member r's of size sizes[r] there (equal elsewhere):
+        each is padded to the largest size for one all-gather, and the padding dropped."""
         if self.world_size == 1:
-            return x_CH
-        sizes = [end - start for start, end in (row_chunk(num_rows, r, self.world_size) for r in range(self.world_size))]
+            return x
         width = max(sizes)
-        padded = torch.nn.functional.pad(x_CH, (0,) * (2 * (x_CH.dim() - 1)) + (0, width - x_CH.shape[0]))
-        gathered = self.all_gather(padded)
+        pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, width - x.shape[dim]]
+        gathered = self.all_gather(torch.nn.functional.pad(x, pad), dim)
         if all(size == width for size in sizes):
             return gathered
-        return torch.cat([gathered[r * width : r * width + size] for r, size in enumerate(sizes)])
+        return torch.cat([gathered.narrow(dim, r * width, size) for r, size in enumerate(sizes)], dim)
+
+    def all_gather_row_chunks(self, x_CH: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """Join the members' row_chunk(num_rows, rank, world_size) chunks x_C... into all num_rows rows."""
+        chunks = (row_chunk(num_rows, r, self.world_size) for r in range(self.world_size))
+        return self.all_gather_uneven(x_CH, [end - start for start, end in chunks])
 
     def all_gather_object(self, obj) -> list:
         if self.world_size == 1:

@@ -25,8 +25,11 @@ class CachedStepGraph:
     ``error`` says why.
     """
 
-    def __init__(self, step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        self.step_fn = step_fn
+    def __init__(self, step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 all_ranks_ok: Callable[[bool], bool] = lambda ok: ok):
+        """all_ranks_ok(ok): whether every rank captured (a collective): a graph is kept only where all did,
+        since ranks that replay a graph and ranks that run eagerly would wait for each other's collectives."""
+        self.step_fn, self.all_ranks_ok = step_fn, all_ranks_ok
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.error: str | None = None
@@ -58,8 +61,11 @@ class CachedStepGraph:
                 output = self.step_fn(*inputs)
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager steps
             self.error = f"{type(exc).__name__}: {exc}"
+        torch.cuda.synchronize()
+        if not self.all_ranks_ok(self.error is None):
+            self.error = self.error or "another rank could not capture the step"
+        if self.error is not None:
             logger.warning("CUDA graph capture of the cached step failed; running it eagerly (%s)", self.error)
-            torch.cuda.synchronize()
             return self.step_fn(latents, timestep)
         self.graph, self._inputs, self._output = graph, inputs, output
         graph.replay()

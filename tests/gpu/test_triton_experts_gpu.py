@@ -169,8 +169,8 @@ def test_tma_falls_back_to_pointer_where_the_copy_engine_cannot_read_the_weights
     gen = torch.Generator("cuda").manual_seed(7)
     M, E, h, i = 257, 8, 256, 192
     x = torch.randn(M, h, device="cuda", dtype=dtype, generator=gen)
-    w13 = torch.randn(E, 2 * i + 8, h, device="cuda", dtype=dtype, generator=gen)[:, : 2 * i] * h**-0.5
-    w2 = torch.randn(E, h + 8, i, device="cuda", dtype=dtype, generator=gen)[:, :h] * i**-0.5
+    w13 = (torch.randn(E, 2 * i + 8, h, device="cuda", dtype=dtype, generator=gen) * h**-0.5)[:, : 2 * i]
+    w2 = (torch.randn(E, h + 8, i, device="cuda", dtype=dtype, generator=gen) * i**-0.5)[:, :h]
     ids, weights = _routing(M, E, "uniform", gen)
     config = _config("gluon", "gluon", 64)
     assert not w13.is_contiguous() and not w2.is_contiguous()

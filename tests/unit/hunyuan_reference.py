@@ -144,6 +144,51 @@ def reference_velocity(config, W, input_ids, latents, timestep, image_slice, tim
     return F.conv2d(F.silu(out), W["final_layer.model.1.2.weight"], W["final_layer.model.1.2.bias"], padding=1)
 
 
+def reference_vae_decode(W: dict[str, torch.Tensor], z: torch.Tensor, ffactor_temporal: int) -> torch.Tensor:
+    """z [B, C, T, h, w] -> every frame [B, 3, T * ffactor_temporal, h * 2^u, w * 2^u] (u upsampling levels), as
+    section 6 says: every conv an F.conv3d over all frames, F.group_norm, the attention written out; W the
+    ``vae.decoder.*`` tensors without that prefix (any device and dtype)."""
+
+    def conv(x, name):
+        weight = W[f"{name}.weight"]
+        return F.conv3d(x, weight, W[f"{name}.bias"], padding=weight.shape[-1] // 2)
+
+    def gn(x, name):
+        return F.group_norm(x, 32, W[f"{name}.weight"], W[f"{name}.bias"], eps=1e-6)
+
+    def resnet(x, p):
+        h = conv(F.silu(gn(x, f"{p}.norm1")), f"{p}.conv1")
+        h = conv(F.silu(gn(h, f"{p}.norm2")), f"{p}.conv2")
+        return (conv(x, f"{p}.nin_shortcut") if f"{p}.nin_shortcut.weight" in W else x) + h
+
+    def rearrange(x, r1):  # b (r1 r2 r3 c) f h w -> b c (f r1) (h r2) (w r3)
+        b, C, f, h, w = x.shape
+        x = x.reshape(b, r1, 2, 2, C // (4 * r1), f, h, w).permute(0, 4, 5, 1, 6, 2, 7, 3)
+        return x.reshape(b, -1, f * r1, 2 * h, 2 * w)
+
+    block_in = W["conv_in.weight"].shape[0]
+    h = conv(z, "conv_in") + z.repeat_interleave(block_in // z.shape[1], dim=1)
+    h = resnet(h, "mid.block_1")
+    B, C, T, hh, ww = h.shape
+    a = gn(h, "mid.attn_1.norm")
+    q, k, v = (conv(a, f"mid.attn_1.{n}").reshape(B, C, -1) for n in ("q", "k", "v"))
+    attn = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(C), dim=-1)  # [B, L, L] over all f*h*w positions
+    h = h + conv((v @ attn.transpose(1, 2)).reshape(B, C, T, hh, ww), "mid.attn_1.proj_out")
+    h = resnet(h, "mid.block_2")
+    level = 0
+    while f"up.{level}.block.0.conv1.weight" in W:
+        block = 0
+        while f"up.{level}.block.{block}.conv1.weight" in W:
+            h = resnet(h, f"up.{level}.block.{block}")
+            block += 1
+        if f"up.{level}.upsample.conv.weight" in W:
+            r1 = 2 if 2**level < ffactor_temporal else 1
+            out = conv(h, f"up.{level}.upsample.conv")
+            h = rearrange(out, r1) + rearrange(h.repeat_interleave(out.shape[1] // h.shape[1], dim=1), r1)
+        level += 1
+    return conv(F.silu(gn(h, "norm_out")), "conv_out")
+
+
 @functools.cache
 def tiny_checkpoint_path() -> str:
     """The tiny checkpoint (seed 0), written once per test process into a temporary folder."""

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from omni_ep.layers.fused_ops import router_topk
+
 
 def select_experts(
     router_logits: torch.Tensor,  # [T, E], computed in fp32 by a replicated gate
     top_k: int,
     renormalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (topk_weights [T, K] fp32, topk_ids [T, K] int64 global expert ids)."""
-    probs_TE = torch.softmax(router_logits.float(), dim=-1)
-    topk_weights_TK, topk_ids_TK = torch.topk(probs_TE, top_k, dim=-1)
-    if renormalize:
-        topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
-    return topk_weights_TK, topk_ids_TK
+    """Returns (topk_weights [T, K] fp32, topk_ids [T, K] int64 global expert ids); among equal probabilities the
+    lower expert id comes first. One fused kernel on GPUs (omni_ep.layers.fused_ops.router_topk)."""
+    return router_topk(router_logits.float(), top_k, renormalize)

@@ -17,14 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_ep.distributed import get_tp_group
+from omni_ep.layers.fused_ops import rms_norm, rope_qk_norm
 from omni_ep.layers.linear import ColumnParallelLinear, RowParallelLinear
 from omni_ep.models.hunyuan_image3.attention_mask import AttentionSegment
 from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
-from omni_ep.models.hunyuan_image3.rope import apply_rotary_emb
 
 
 class HunyuanImage3RMSNorm(nn.Module):
-    """x [..., C] -> [..., C]: normalised in fp32, cast back to x's dtype, times weight [C]."""
+    """x [..., C] -> [..., C]: normalised in fp32, cast back to x's dtype, times weight [C] (one fused kernel on
+    GPUs: omni_ep.layers.fused_ops.rms_norm)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, dtype: torch.dtype | None = None):
         super().__init__()
@@ -32,9 +33,7 @@ class HunyuanImage3RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class HunyuanImage3KVCache:
@@ -148,12 +147,13 @@ class HunyuanImage3Attention(nn.Module):
         segments: Sequence[AttentionSegment],  # the pattern of queries [S_kv - S, S_kv)
         kv_cache: HunyuanImage3KVCache | None = None,
     ) -> torch.Tensor:
-        dtype = hidden_states.dtype
         qkv, _ = self.qkv_proj(hidden_states)
-        q_BNSD, k_BKSD, v_BKSD = self.split_qkv(qkv)
-        # RoPE in fp32, THEN the per-head RMSNorm (still fp32), then back to the model dtype.
-        q_BNSD = self.query_layernorm(apply_rotary_emb(q_BNSD, cos, sin)).to(dtype)
-        k_BKSD = self.key_layernorm(apply_rotary_emb(k_BKSD, cos, sin)).to(dtype)
+        # Split per KV head, RoPE in fp32, THEN the per-head RMSNorm (still fp32), then back to the model dtype:
+        # one fused kernel on GPUs.
+        q_BNSD, k_BKSD, v_BKSD = rope_qk_norm(
+            qkv, cos, sin, self.query_layernorm.weight, self.key_layernorm.weight, self.query_layernorm.eps,
+            self.num_kv_heads, self.group_size, self.head_dim,
+        )
         if kv_cache is not None:
             k_BKSD, v_BKSD = kv_cache.store_or_extend(self.layer_idx, k_BKSD, v_BKSD)
         out_BSND = segmented_attention(q_BNSD, k_BKSD, v_BKSD, segments)

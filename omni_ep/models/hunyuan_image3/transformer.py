@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from omni_ep.layers.fused_ops import add_rms_norm
 from omni_ep.models.hunyuan_image3.attention import (
     HunyuanImage3Attention,
     HunyuanImage3KVCache,
@@ -58,14 +59,22 @@ class HunyuanImage3DecoderLayer(nn.Module):
     ):
         super().__init__()
         H, eps = config.hidden_size, config.rms_norm_eps
+        self.eps = eps
         self.input_layernorm = HunyuanImage3RMSNorm(H, eps, params_dtype)
         self.self_attn = HunyuanImage3Attention(config, layer_idx, params_dtype, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = HunyuanImage3RMSNorm(H, eps, params_dtype)
         self.mlp = HunyuanImage3MoE(config, layer_idx, params_dtype, prefix=f"{prefix}.mlp")
 
-    def forward(self, x_BSH, cos, sin, segments, kv_cache=None) -> torch.Tensor:
-        h_BSH = x_BSH + self.self_attn(self.input_layernorm(x_BSH), cos, sin, segments, kv_cache)
-        return h_BSH + self.mlp(self.post_attention_layernorm(h_BSH))
+    def forward(self, x_BSH, residual_BSH, cos, sin, segments, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (MoE output, residual): the layer's output is their sum, formed by the next layer's
+        input norm in the same kernel (add_rms_norm). residual None: x is the embedding."""
+        if residual_BSH is None:
+            residual_BSH, normed_BSH = x_BSH, self.input_layernorm(x_BSH)
+        else:
+            residual_BSH, normed_BSH = add_rms_norm(x_BSH, residual_BSH, self.input_layernorm.weight, self.eps)
+        attn_BSH = self.self_attn(normed_BSH, cos, sin, segments, kv_cache)
+        residual_BSH, normed_BSH = add_rms_norm(attn_BSH, residual_BSH, self.post_attention_layernorm.weight, self.eps)
+        return self.mlp(normed_BSH), residual_BSH
 
 
 class HunyuanImage3Model(nn.Module):
@@ -158,8 +167,10 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         pos_y, pos_x = image_rope_positions(seq_len, img_start, h, w, device=device)
         cos, sin = rope_cos_sin(pos_y[q_start:], pos_x[q_start:], self.config.attention_head_dim, self.config.rope_theta)
         segments = attention_segments(seq_len, [(img_start, img_stop)], query_start=q_start)
+        residual_BSH = None
         for layer in self.model.layers:
-            x_BSH = layer(x_BSH, cos, sin, segments, kv_cache)
+            x_BSH, residual_BSH = layer(x_BSH, residual_BSH, cos, sin, segments, kv_cache)
+        x_BSH = x_BSH + residual_BSH
         if kv_cache is not None and not cached:
             kv_cache.end_fill()
         image_hidden = x_BSH[:, img_start - q_start : img_stop - q_start]  # no ln_f before final_layer

@@ -114,7 +114,9 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         self.generation_config = generation_config or {}
         self.checkpoint_dtype: torch.dtype | None = None  # what save_pretrained writes (the checkpoint's own)
         self.cuda_graphs = True  # on CUDA, the cached steps replay one captured graph (see cuda_graph.py)
-        self.last_cuda_graph: CachedStepGraph | None = None
+        # (captured, why not) of the last generation's graph; the graph itself is freed when its generation
+        # ends (a captured collective must not outlive it: its communicator could not be torn down).
+        self.cuda_graph_status: tuple[bool, str | None] | None = None
         self._guidance_scale, self._num_timesteps, self._interrupt = None, None, False
 
     # ---- construction ------------------------------------------------------------------------------------
@@ -354,12 +356,19 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
 
         # 4. denoise this rank's prompts (the n images of a prompt as one batch), decode
         results = []
+        # Without DP every rank holds the same final latents: all of them decode, a band of the image each.
+        decode_group = get_world_group() if dp_group.world_size == 1 else None
         for r, index in enumerate(schedule):
+            keep = r < len(mine)
             inputs = self.encode_prompt(request, index)
             latents_i = self.denoise(inputs, all_latents[index * n : (index + 1) * n], request.sigmas,
                                      request.guidance_scale, request.flow_shift, callback_on_step_end,
                                      callback_on_step_end_tensor_inputs)
-            if r < len(mine) and tp_group.rank == 0 and cfg_group.rank == 0:
+            if decode_group is not None and output_type != "latent":
+                image = self.decode(latents_i, output_type, decode_group)
+                if keep and tp_group.rank == 0 and cfg_group.rank == 0:
+                    results.append((index, image))
+            elif keep and tp_group.rank == 0 and cfg_group.rank == 0:
                 results.append((index, self.decode(latents_i, output_type)))
 
         # 5. gather every prompt's images on rank 0
@@ -398,7 +407,7 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
                 return self.transformer(latents_BChw, t_B, image_slice, inputs.timestep_index, kv_cache=kv_cache)
 
         graphed = self.cuda_graphs and self.device.type == "cuda"
-        step_fn = CachedStepGraph(cached_step) if graphed else cached_step
+        step_fn = CachedStepGraph(cached_step, self.all_ranks_ok) if graphed else cached_step
         latents = latents.to(self.device)
         with self.progress_bar(total=len(timesteps)) as progress:
             for step, t in enumerate(timesteps):
@@ -422,8 +431,13 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
                     out = callback(self, step, t, {name: tensors[name] for name in callback_tensor_inputs}) or {}
                     latents = out.get("latents", latents)
                 progress.update()
-        self.last_cuda_graph = step_fn if graphed else None
+        self.cuda_graph_status = (step_fn.captured, step_fn.error) if graphed else None
         return latents
+
+    def all_ranks_ok(self, ok: bool) -> bool:
+        """True when ``ok`` on every rank (one small all-reduce over the world)."""
+        failed = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        return get_world_group().all_reduce(failed).item() == 0
 
     @staticmethod
     def moe_token_bounds(first_tokens: int, cached_tokens: int) -> tuple[int, int]:
@@ -433,9 +447,10 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         return max(a for a, _ in sizes), max(b for _, b in sizes)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, output_type: str):
-        """latents [n, C, h, w] fp32 -> np [n, H, W, 3] / pt [n, 3, H, W] in [0, 1] / the latents themselves."""
+    def decode(self, latents: torch.Tensor, output_type: str, group=None):
+        """latents [n, C, h, w] fp32 -> np [n, H, W, 3] / pt [n, 3, H, W] in [0, 1] / the latents themselves.
+        group: every rank of it calls with the same latents and decodes a band (vae.decode_latents)."""
         if output_type == "latent":
             return latents.cpu()
-        image = decode_latents(self.vae, latents, self.transformer.config.vae.scaling_factor).cpu()
+        image = decode_latents(self.vae, latents, self.transformer.config.vae.scaling_factor, group).cpu()
         return image if output_type == "pt" else image.permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,329 @@
+"""The non-expert element-wise ops of a cached denoising step, eager (the model code) vs torch.compile of the
+same function vs the fused Triton kernels of omni_ep.layers.fused_ops; and the attention call itself.
+
+    PYTHONPATH=$PWD python benchmarks/bench_ops.py --json benchmarks/results/ops_h200.json
+
+Shapes (defaults): one CFG branch of a cached step at 1024x1024: S = 4097 query tokens (<timestep> + 64x64
+image), 13 cached text keys (S_kv = 4110), hidden 4096, 32 query / 8 KV heads of 128, bf16; router logits
+[4097, 64] fp32, top-8.
+
+Ops: rms_norm, add_rms_norm, rope_qk_norm (from the fused qkv output), router_topk. Each contender is timed with
+triton.testing.do_bench (median of CUDA-event times; L2 is flushed before every run) and checked against eager:
+max |out - eager| / max |eager| over every output, ulps and the fraction of elements not bit-equal (16-bit
+outputs), and for the router the fraction of differing ids. GB/s counts the bytes an ideal kernel moves (inputs
+read once, outputs written once).
+
+Attention (cached step, q [1, 32, 4097, 128], k/v [1, 8, 4110, 128]): (a) the model's call: K/V repeated 4x and
+SDPA with a dense bool mask (row 0, the <timestep> token, sees only the 13 text keys and itself); (b) the same
+result mask-free: SDPA of row 0 on keys[:14] and of rows 1.. on all keys, enable_gqa=True, no repeat; (c) (b)
+pinned to each SDPA backend (flash, efficient, cudnn). Max |out - (a)| is reported.
+
+A contender that raises is reported as "n/a: <reason>" and the rest go on. Exit code 1 when a Triton kernel
+raises or is off eager by more than rounding-order noise (16-bit outputs: over 1 ulp, or over 1% of elements not
+bit-equal; fp32: relative error over 1e-5; any differing expert id). --device cpu --no-compile with small
+shapes runs the same plumbing on a CPU (the Triton contender then runs under TRITON_INTERPRET=1 if set, else the
+ops' torch path; timings there are wall-clock and mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench
+
+from omni_ep.config import ParallelConfig
+from omni_ep.distributed import destroy_parallel_state, init_parallel_state
+from omni_ep.layers.fused_ops import add_rms_norm, rms_norm, rope_qk_norm, router_topk
+from omni_ep.layers.fused_ops.backend import runs_triton
+from omni_ep.models.hunyuan_image3.attention import HunyuanImage3Attention, HunyuanImage3RMSNorm
+from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
+from omni_ep.models.hunyuan_image3.rope import apply_rotary_emb, image_rope_positions, rope_cos_sin
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    intro, rest = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=intro, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4097, help="query tokens S (<timestep> + image tokens)")
+    p.add_argument("--prefix", type=int, default=13, help="cached text keys before <timestep>")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition budget per contender")
+    p.add_argument("--json", default=None, help="write the results here")
+    return p.parse_args(argv)
+
+
+def short_reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines() or [""]
+    return f"n/a: {type(exc).__name__}: {lines[0][:160]}"
+
+
+def timer(device, rep_ms: int) -> Callable[[Callable], float]:
+    """fn -> median ms. CUDA: do_bench (events, L2 flushed between runs); CPU: wall clock, for plumbing only."""
+    if device.type == "cuda":
+        return lambda fn: do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+    def wall(fn):
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return wall
+
+
+def as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def compare(out, ref) -> dict:
+    """Every output tensor against the reference's: float ones by error, integer ones (router ids) by mismatch."""
+    row = {"max_abs_err": 0.0, "max_rel_err": 0.0, "not_bit_equal": 0.0}
+    for o, r in zip(as_tuple(out), as_tuple(ref), strict=True):
+        if o.shape != r.shape:
+            raise ValueError(f"shape {tuple(o.shape)} != the reference's {tuple(r.shape)}")
+        if not o.is_floating_point():
+            row["ids_differ"] = (o != r).float().mean().item()
+            continue
+        d = (o.double() - r.double()).abs().max().item() if torch.isfinite(o).all() else float("inf")
+        row["max_abs_err"] = max(row["max_abs_err"], d)
+        row["max_rel_err"] = max(row["max_rel_err"], d / max(r.double().abs().max().item(), 1e-30))
+        row["not_bit_equal"] = max(row["not_bit_equal"], (o != r).float().mean().item())
+        if o.dtype in (torch.bfloat16, torch.float16):  # adjacent 16-bit floats differ by 1 in their bits
+            ulps = (o.view(torch.int16).int() - r.view(torch.int16).int()).abs().max().item()
+            row["max_ulps"] = max(row.get("max_ulps", 0), ulps)
+    return row
+
+
+def off_eager(row: dict) -> str | None:
+    """Why a fused kernel's result is further from eager than rounding-order noise, or None."""
+    if row.get("ids_differ", 0) > 0:
+        return f"{row['ids_differ']:.3%} of the expert ids differ"
+    if "max_ulps" in row and (row["max_ulps"] > 1 or row["not_bit_equal"] > 0.01):
+        return f"{row['max_ulps']} ulps, {row['not_bit_equal']:.3%} of elements not bit-equal"
+    if "max_ulps" not in row and row["max_rel_err"] > 1e-5:
+        return f"relative error {row['max_rel_err']:.2e}"
+    return None
+
+
+def run_contenders(op: str, contenders: dict, inputs: tuple, bench, nbytes=None, flops=None) -> list[dict]:
+    """Time each contender on inputs and check it against the first one (the model's code)."""
+    rows, ref = [], None
+    for name, fn in contenders.items():
+        row = {"op": op, "contender": name}
+        try:
+            out = fn(*inputs)
+            if ref is None:
+                ref = out
+            row.update(compare(out, ref))
+            row["ms"] = bench(lambda: fn(*inputs))
+            if nbytes:
+                row["gb_per_s"] = nbytes / row["ms"] / 1e6
+            if flops:
+                row["tflops"] = flops / row["ms"] / 1e9
+            row["status"] = "ok"
+        except Exception as exc:  # one contender failing must not stop the others
+            row["status"] = short_reason(exc)
+        rows.append(row)
+    return rows
+
+
+def op_benchmarks(a, device, dtype, bench) -> list[dict]:
+    S, H, N, N_kv, D, eps = a.tokens, a.hidden, a.heads, a.kv_heads, a.head_dim, 1e-5
+    G = N // N_kv
+    gen = torch.Generator(device).manual_seed(0)
+    size = dtype.itemsize
+
+    norm = HunyuanImage3RMSNorm(H, eps, dtype).to(device)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2, generator=gen)
+    weight = norm.weight.detach()
+    x = torch.randn(S, H, device=device, dtype=dtype, generator=gen)
+    residual = torch.randn(S, H, device=device, dtype=dtype, generator=gen)
+
+    init_parallel_state(ParallelConfig())
+    config = dataclasses.replace(HunyuanImage3Config(), hidden_size=H, num_attention_heads=N, num_key_value_heads=N_kv,
+                                 attention_head_dim=D, rms_norm_eps=eps)
+    attn = HunyuanImage3Attention(config, layer_idx=0, params_dtype=dtype)  # its projections stay on the CPU
+    destroy_parallel_state()
+    for layer_norm in (attn.query_layernorm, attn.key_layernorm):
+        layer_norm.to(device)
+        with torch.no_grad():
+            layer_norm.weight.normal_(1.0, 0.2, generator=gen)
+    qkv = torch.randn(1, S, N_kv * (G + 2) * D, device=device, dtype=dtype, generator=gen)
+    side = max(1, round((S - 1) ** 0.5))  # the image block: <timestep> then side x side tokens (as at 1024x1024)
+    pos_y, pos_x = image_rope_positions(a.prefix + S, a.prefix + 1, side, (S - 1) // side, device=device)
+    cos, sin = rope_cos_sin(pos_y[a.prefix:], pos_x[a.prefix:], D)
+    logits = torch.randn(S, a.experts, device=device, generator=gen) * 2
+
+    # Eager: the model's code before the fused ops (the model now calls them), written out.
+    def eager_norm(x, w):
+        x32 = x.float()
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def eager_rms_norm(x):
+        return eager_norm(x, weight)
+
+    def eager_add_rms_norm(x, residual):
+        h = x + residual
+        return h, eager_norm(h, weight)
+
+    def eager_rope_qk_norm(qkv, cos, sin):  # HunyuanImage3Attention.forward up to the KV cache
+        q, k, v = attn.split_qkv(qkv)
+        q = eager_norm(apply_rotary_emb(q, cos, sin), attn.query_layernorm.weight).to(dtype)
+        k = eager_norm(apply_rotary_emb(k, cos, sin), attn.key_layernorm.weight).to(dtype)
+        return q, k, v
+
+    def eager_router(logits):
+        probs = torch.softmax(logits.float(), dim=-1)
+        w, ids = torch.topk(probs, a.top_k, dim=-1)
+        return w / w.sum(dim=-1, keepdim=True), ids
+
+    cases = [
+        ("rms_norm", eager_rms_norm, lambda x: rms_norm(x, weight, eps), (x,), 2 * S * H * size),
+        ("add_rms_norm", eager_add_rms_norm, lambda x, r: add_rms_norm(x, r, weight, eps), (x, residual),
+         4 * S * H * size),
+        ("rope_qk_norm", eager_rope_qk_norm,
+         lambda qkv, cos, sin: rope_qk_norm(qkv, cos, sin, attn.query_layernorm.weight.detach(),
+                                            attn.key_layernorm.weight.detach(), eps, N_kv, G, D),
+         (qkv, cos, sin), 2 * (N + N_kv) * S * D * size + 2 * S * D * 4),
+        ("router_topk", eager_router, lambda logits: router_topk(logits, a.top_k, True), (logits,),
+         S * a.experts * 4 + S * a.top_k * (4 + 8)),
+    ]
+    fused_name = "triton" if runs_triton(x) else "fused_ops torch path"
+    rows = []
+    for op, eager, fused, inputs, nbytes in cases:
+        contenders = {"eager": eager}
+        if not a.no_compile:
+            contenders["compile"] = torch.compile(eager, fullgraph=True)
+        contenders[fused_name] = fused
+        rows += run_contenders(op, contenders, inputs, bench, nbytes=nbytes)
+    return rows
+
+
+def attention_benchmarks(a, device, dtype, bench) -> list[dict]:
+    S, S_kv, N, N_kv, D, G = a.tokens, a.prefix + a.tokens, a.heads, a.kv_heads, a.head_dim, a.heads // a.kv_heads
+    seen_by_timestep = a.prefix + 1  # the text keys and <timestep> itself
+    gen = torch.Generator(device).manual_seed(1)
+    q = torch.randn(1, N, S, D, device=device, dtype=dtype, generator=gen)
+    k, v = (torch.randn(1, N_kv, S_kv, D, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    mask = torch.ones(S, S_kv, dtype=torch.bool, device=device)
+    mask[0, seen_by_timestep:] = False
+
+    def dense_mask_repeat_kv(q, k, v):
+        return F.scaled_dot_product_attention(
+            q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1), attn_mask=mask
+        )
+
+    def two_calls_gqa(q, k, v):
+        first = F.scaled_dot_product_attention(
+            q[:, :, :1], k[:, :, :seen_by_timestep], v[:, :, :seen_by_timestep], enable_gqa=True
+        )
+        rest = F.scaled_dot_product_attention(q[:, :, 1:], k, v, enable_gqa=True)
+        return torch.cat([first, rest], dim=2)
+
+    def pinned(backend):
+        def fn(q, k, v):
+            with sdpa_kernel([backend]):
+                return two_calls_gqa(q, k, v)
+
+        return fn
+
+    contenders = {
+        "a_dense_mask_repeat_kv": dense_mask_repeat_kv,
+        "b_two_calls_gqa_default": two_calls_gqa,
+        "c_two_calls_gqa_flash": pinned(SDPBackend.FLASH_ATTENTION),
+        "c_two_calls_gqa_efficient": pinned(SDPBackend.EFFICIENT_ATTENTION),
+        "c_two_calls_gqa_cudnn": pinned(SDPBackend.CUDNN_ATTENTION),
+    }
+    flops = 4 * N * S * S_kv * D  # QK^T and PV
+    rows = run_contenders("attention", contenders, (q, k, v), bench, flops=flops)
+    if device.type == "cuda":
+        for row in rows:
+            if row["status"] == "ok":
+                row["kernels"] = attention_kernels(contenders[row["contender"]], (q, k, v))
+    return rows
+
+
+def attention_kernels(fn, inputs) -> str:
+    """The attention kernels fn launches, by name: which SDPA backend ran."""
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn(*inputs)
+            torch.cuda.synchronize()
+        names = {e.key for e in prof.key_averages()}
+    except Exception as exc:
+        return short_reason(exc)
+    words = ("flash", "fmha", "cudnn", "attention", "attn", "sdpa")
+    return "; ".join(sorted(n[:80] for n in names if any(w in n.lower() for w in words))) or "none matched"
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """columns: (key, format); a failed contender prints its reason after its name."""
+    print(f"{'op':14s} {'contender':26s} " + " ".join(f"{key:>13s}" for key, _ in columns))
+    for row in rows:
+        line = f"{row['op']:14s} {row['contender']:26s} "
+        if row["status"] != "ok":
+            print(line + row["status"])
+            continue
+        print(line + " ".join(f"{format(row[key], fmt) if key in row else '':>13s}" for key, fmt in columns))
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run on a GPU, or with --device cpu --no-compile and small shapes", file=sys.stderr)
+        return 2
+    bench = timer(device, a.rep_ms)
+    t0 = time.time()
+    torch.set_grad_enabled(False)
+    ops = op_benchmarks(a, device, dtype, bench)
+    attention = attention_benchmarks(a, device, dtype, bench)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{name} | torch {torch.__version__} | triton {triton.__version__} | S={a.tokens} H={a.hidden} "
+          f"heads {a.heads}/{a.kv_heads}x{a.head_dim} {a.dtype}, router [{a.tokens}, {a.experts}] top-{a.top_k}")
+    print("\nelement-wise ops, checked against eager (the model code)")
+    print_table(ops, [("ms", ".4f"), ("gb_per_s", ".0f"), ("max_rel_err", ".2e"), ("max_ulps", "d"),
+                      ("not_bit_equal", ".3%"), ("ids_differ", ".3%")])
+    print("\nattention at the cached step, checked against (a)")
+    print_table(attention, [("ms", ".4f"), ("tflops", ".0f"), ("max_abs_err", ".2e")])
+    for row in attention:
+        if "kernels" in row:
+            print(f"  {row['contender']}: {row['kernels']}")
+    failures = [f"{r['op']}: {r['status'] if r['status'] != 'ok' else off_eager(r)}" for r in ops
+                if r["contender"] == "triton" and (r["status"] != "ok" or off_eager(r))]
+    for failure in failures:
+        print(f"FAIL triton {failure}")
+    print(f"\nwall time {time.time() - t0:.1f} s")
+    if a.json:
+        meta = dict(date=datetime.date.today().isoformat(), device=name, torch=torch.__version__,
+                    triton=triton.__version__, args=vars(a), command=" ".join(["python", *sys.argv]))
+        with open(a.json, "w") as f:
+            json.dump(dict(meta=meta, ops=ops, attention=attention, failures=failures), f, indent=2)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
