@@ -2,16 +2,17 @@
 
     pip install scikit-image && python tools/train_demo_checkpoint.py checkpoints/hunyuan-image3-demo
 
-Stages: 1. the images and their captions (``DEMO_IMAGES``, centre-cropped to 128 x 128); 2. a VAE fitted to them
-(an encoder for training only, and the decoder the pipeline reads); 3. their latents; 4. the transformer, by flow
-matching (velocity = noise - latents, shifted sigmas as at inference, 10 % of the rows get the ``<cfg>`` row for
-guidance); 5. the checkpoint in bf16 under the released names (``vae.encoder.*`` included); 6. each prompt through
-``HunyuanImage3Pipeline`` from the written files, its SSIM against its training image, and a preview grid.
+Stages: 1. the images and their captions (``DEMO_IMAGES``, centre-cropped to 64 x 64); 2. a VAE fitted to them
+(an encoder for training only, and the decoder the pipeline reads; L1 + MSE + SSIM); 3. their latents; 4. the
+transformer, by flow matching (velocity = noise - latents, shifted sigmas as at inference, 10 % of the rows on the
+caption-free ``<cfg>`` row for guidance); 5. the checkpoint in bf16 under the released names (``vae.encoder.*``
+included); 6. each prompt through ``HunyuanImage3Pipeline`` from the written files at the generation config's
+steps and guidance, its SSIM against its training image, and a preview grid.
 
 The model is the real architecture (omni_ep's own transformer and VAE decoder, trained through autograd) at toy
-size: hidden 64, 2 layers, 8 experts top-2, patch_embed width 32; VAE widths 32, one-frame (``ffactor_temporal``
-1) with an 8x spatial factor, 128 x 128 images (16 x 16 latents, 256 image tokens). Seeded: the same torch
-version and thread count give the same file. Runtime: about 8 minutes on 2 CPU cores, under a minute on one GPU.
+size: hidden 64, 2 layers, 8 experts top-2, patch_embed width 32; a one-frame VAE (``ffactor_temporal`` 1) of
+widths 32 and spatial factor 4: 64 x 64 pictures from 16 x 16 latents (256 image tokens). Sizes chosen for a
+2-core CPU. Seeded: the same torch version, thread count and machine give the same file. Runtime: RUNTIME.
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ from omni_ep.models.hunyuan_image3.vae import HunyuanVAEDecoder, HunyuanVAEResne
 logger = logging.getLogger("omni_ep.tools.train_demo_checkpoint")
 
 IMAGE_SIZE = 64
-# (scikit-image sample, caption): the prompts the demo checkpoint knows.
+# (scikit-image sample, caption): the prompts the demo checkpoint knows. Seven words each, one token a word with
+# the demo tokenizer, so all captions share one token layout and train as one batch.
 DEMO_IMAGES = (
     ("coffee", "a cup of coffee on the table"),
-    ("chelsea", "a ginger cat"),
-    ("astronaut", "an astronaut in a white spacesuit"),
-    ("rocket", "a rocket on the launch pad"),
-    ("camera", "a man with a camera, black and white"),
-    ("colorwheel", "a colour wheel"),
+    ("chelsea", "a ginger cat with big green eyes"),
+    ("astronaut", "an astronaut in a white space suit"),
+    ("rocket", "a space rocket on its launch pad"),
+    ("camera", "black and white photo of a cameraman"),
+    ("colorwheel", "a round wheel of all the colours"),
 )
 
 
@@ -138,33 +140,16 @@ class HunyuanVAEEncoder(nn.Module):
         return mean, logvar.clamp(-30, 20)
 
 
-class OneFrameConv(nn.Module):
-    """A Conv3d (k, padding k//2) applied to one frame: the same numbers as the Conv3d (the other time taps only
-    meet the zero padding) through conv2d with the middle time slice, 3x cheaper on a CPU. Keeps the Conv3d's
-    ``weight`` and ``bias`` (same names, same tensors)."""
-
-    def __init__(self, conv: nn.Conv3d):
-        super().__init__()
-        self.weight, self.bias, self.k = conv.weight, conv.bias, conv.kernel_size[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[2] != 1:
-            raise ValueError(f"OneFrameConv takes one frame, got {x.shape[2]}")
-        return F.conv2d(x[:, :, 0], self.weight[:, :, self.k // 2], self.bias, padding=self.k // 2).unsqueeze(2)
-
-
-def use_one_frame_convs(module: nn.Module) -> nn.Module:
-    """Swap every Conv3d inside ``module`` for a OneFrameConv, zeroing the unused time taps (so the stored kernels
-    mean the same on any number of frames as on one)."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.Conv3d):
-            with torch.no_grad():
-                middle = child.weight[:, :, child.kernel_size[0] // 2].clone()
-                child.weight.zero_()
-                child.weight[:, :, child.kernel_size[0] // 2] = middle
-            setattr(module, name, OneFrameConv(child))
-        else:
-            use_one_frame_convs(child)
+def zero_unused_time_taps(module: nn.Module) -> nn.Module:
+    """Zero the outer time taps of every Conv3d in ``module``: one frame only meets them as zero padding (the
+    convs run as 2D convs with the middle taps), so training leaves them as drawn; zeroed, the stored kernels
+    also mean a per-frame image model on several frames."""
+    with torch.no_grad():
+        for conv in module.modules():
+            if isinstance(conv, nn.Conv3d) and conv.kernel_size[0] > 1:
+                middle = conv.kernel_size[0] // 2
+                conv.weight[:, :, :middle].zero_()
+                conv.weight[:, :, middle + 1 :].zero_()
     return module
 
 
@@ -190,8 +175,8 @@ def train_vae(images_B3HW: torch.Tensor, vae: HunyuanImage3VAEConfig, steps: int
               crop_share: float = 0.0):
     """Fit encoder + decoder to the images (L1 + MSE + SSIM on the decoded frame, a small KL), the first
     ``crop_share`` of the steps on random half-size windows, the rest on whole images. Returns both."""
-    encoder = use_one_frame_convs(HunyuanVAEEncoder(vae)).to(device)
-    decoder = use_one_frame_convs(HunyuanVAEDecoder.from_vae_config(vae.to_dict())).to(device)
+    encoder = zero_unused_time_taps(HunyuanVAEEncoder(vae)).to(device)
+    decoder = zero_unused_time_taps(HunyuanVAEDecoder.from_vae_config(vae.to_dict())).to(device)
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
     images = images_B3HW.to(device).unsqueeze(2) * 2 - 1  # [B, 3, 1, H, W] in [-1, 1]
@@ -223,8 +208,8 @@ def train_vae(images_B3HW: torch.Tensor, vae: HunyuanImage3VAEConfig, steps: int
 
 def train_transformer(transformer, tokenizer, config, latents_BChw, captions, steps, device, rows=3, seed=0):
     """Flow matching on the fixed latents: x_s = (1 - s) x0 + s noise, target velocity noise - x0, t = s * 1000
-    with s from the inference schedule's shifted distribution; one caption per forward (prompts of different token
-    lengths), ``rows`` noise draws per caption, 10 % of them on the caption-free ``<cfg>`` row."""
+    with s from the inference schedule's shifted distribution; ``rows`` noise draws per caption, 10 % of them on the
+    caption-free ``<cfg>`` row. Captions of one token length share a forward (the batch of their rows)."""
     for p in transformer.parameters():
         p.requires_grad_(True)
     transformer.train()
@@ -233,6 +218,9 @@ def train_transformer(transformer, tokenizer, config, latents_BChw, captions, st
     shift = 3.0
     inputs = [build_text_to_image_inputs(tokenizer, [c], IMAGE_SIZE, IMAGE_SIZE, True, config.image_base_size,
                                          config.vae_downsample_factor[0]) for c in captions]
+    groups: dict[int, list[int]] = {}
+    for i, inp in enumerate(inputs):
+        groups.setdefault(inp.input_ids.shape[1], []).append(i)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for step in range(steps):
@@ -240,17 +228,20 @@ def train_transformer(transformer, tokenizer, config, latents_BChw, captions, st
             group["lr"] = cosine_lr(step, steps, 1e-3)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for i, inp in enumerate(inputs):
-            u = torch.rand(rows, generator=generator)
-            sigma = shift * u / (1 + (shift - 1) * u)
-            noise = torch.randn(rows, *latents_BChw.shape[1:], generator=generator)
-            x0 = latents_BChw[i : i + 1].expand(rows, -1, -1, -1)
-            x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-            uncond = torch.rand(rows, generator=generator) < 0.1
-            ids = torch.where(uncond[:, None], inp.input_ids[1], inp.input_ids[0])
-            v = transformer(x_t.to(device), (sigma * 1000).to(device), slice(*inp.image_slice), inp.timestep_index,
-                            input_ids=ids.to(device))
-            loss = (v.float() - (noise - x0).to(device)).square().mean() / len(inputs)
+        for members in groups.values():
+            n = len(members) * rows
+            u = torch.rand(n, generator=generator)
+            sigma = (shift * u / (1 + (shift - 1) * u))[:, None, None, None]
+            noise = torch.randn(n, *latents_BChw.shape[1:], generator=generator)
+            x0 = latents_BChw[members].repeat_interleave(rows, dim=0)
+            uncond = torch.rand(n, generator=generator) < 0.1
+            cond_ids = torch.stack([inputs[i].input_ids[0] for i in members]).repeat_interleave(rows, dim=0)
+            uncond_ids = torch.stack([inputs[i].input_ids[1] for i in members]).repeat_interleave(rows, dim=0)
+            ids = torch.where(uncond[:, None], uncond_ids, cond_ids)
+            first = inputs[members[0]]
+            v = transformer(((1 - sigma) * x0 + sigma * noise).to(device), (sigma.flatten() * 1000).to(device),
+                            slice(*first.image_slice), first.timestep_index, input_ids=ids.to(device))
+            loss = (v.float() - (noise - x0).to(device)).square().mean() * n / (len(captions) * rows)
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -312,7 +303,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("directory", help="where to write the checkpoint (replaced)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    parser.add_argument("--vae-steps", type=int, default=500, help="VAE optimiser steps (all images per step)")
+    parser.add_argument("--vae-steps", type=int, default=400, help="VAE optimiser steps (all images per step)")
     parser.add_argument("--steps", type=int, default=1500, help="transformer optimiser steps (all captions per step)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training device")
     parser.add_argument("--preview", default=None, help="PNG grid of generated (top) and training (bottom) images")

@@ -69,7 +69,7 @@ def test_readme_command_draws_the_training_picture_of_its_prompt(readme_png):
 
     out, log = readme_png
     for line in ("INFO layout: TP=1", "INFO   rank 0: ep_rank 0, experts [0, 1, 2, 3, 4, 5, 6, 7]; read",
-                 "INFO time:", f"INFO wrote {out} (128x128)"):
+                 "INFO time:", f"INFO wrote {out} (64x64)"):
         assert line in log, log[-3000:]
     similarity = ssim(load(out), demo_image("coffee"))
     print(f"README command vs the coffee training picture: SSIM {similarity:.3f}")
@@ -82,7 +82,7 @@ def test_cli_under_torchrun_matches_single_process(readme_png, tmp_path):
     """One torchrun launch (the layout matrix runs in process in test_text_to_image_layouts.py): the demo on CFG2 +
     EP2 with the all-to-all dispatch, two prompts, -q; the first image equals the README command's."""
     out = tmp_path / "out.png"
-    proc = run(["--prompt", README_PROMPT, "a ginger cat", "--output", str(out), "-q", "--cfg-parallel-size", "2",
+    proc = run(["--prompt", README_PROMPT, "a ginger cat with big green eyes", "--output", str(out), "-q", "--cfg-parallel-size", "2",
                 "--enable-expert-parallel", "--all2all-backend", "all2all"], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "INFO" not in proc.stderr  # -q: warnings and errors only
