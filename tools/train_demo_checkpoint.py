@@ -1,6 +1,6 @@
 """Train the demo checkpoint: HunyuanImage-3.0 at toy size, in the released layout, on images scikit-image ships.
 
-    pip install scikit-image && python tools/train_demo_checkpoint.py checkpoints/hunyuan-image3-demo
+    pip install -e ".[train]" && python tools/train_demo_checkpoint.py checkpoints/hunyuan-image3-demo
 
 Stages: 1. the images and their captions (``DEMO_IMAGES``, centre-cropped to 64 x 64); 2. a VAE fitted to them
 (an encoder for training only, and the decoder the pipeline reads; L1 + MSE + SSIM); 3. their latents; 4. the
@@ -12,7 +12,9 @@ steps and guidance, its SSIM against its training image, and a preview grid.
 The model is the real architecture (omni_ep's own transformer and VAE decoder, trained through autograd) at toy
 size: hidden 64, 2 layers, 8 experts top-2, patch_embed width 32; a one-frame VAE (``ffactor_temporal`` 1) of
 widths 32 and spatial factor 4: 64 x 64 pictures from 16 x 16 latents (256 image tokens). Sizes chosen for a
-2-core CPU. Seeded: the same torch version, thread count and machine give the same file. Runtime: RUNTIME.
+2-core CPU. Seeded: the same torch version, thread count and machine give the same file. Runtime on a busy 2-core
+CPU: about 10 minutes for the VAE (400 steps) and 10 for the transformer (4000 steps, batched); ``--device cuda``
+is meant for one GPU (not tried yet).
 """
 
 from __future__ import annotations
@@ -206,7 +208,7 @@ def train_vae(images_B3HW: torch.Tensor, vae: HunyuanImage3VAEConfig, steps: int
     return encoder.eval(), decoder.eval()
 
 
-def train_transformer(transformer, tokenizer, config, latents_BChw, captions, steps, device, rows=3, seed=0):
+def train_transformer(transformer, tokenizer, config, latents_BChw, captions, steps, device, rows=4, lr=2e-3, seed=0):
     """Flow matching on the fixed latents: x_s = (1 - s) x0 + s noise, target velocity noise - x0, t = s * 1000
     with s from the inference schedule's shifted distribution; ``rows`` noise draws per caption, 10 % of them on the
     caption-free ``<cfg>`` row. Captions of one token length share a forward (the batch of their rows)."""
@@ -214,7 +216,7 @@ def train_transformer(transformer, tokenizer, config, latents_BChw, captions, st
         p.requires_grad_(True)
     transformer.train()
     params = list(transformer.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     shift = 3.0
     inputs = [build_text_to_image_inputs(tokenizer, [c], IMAGE_SIZE, IMAGE_SIZE, True, config.image_base_size,
                                          config.vae_downsample_factor[0]) for c in captions]
@@ -225,7 +227,7 @@ def train_transformer(transformer, tokenizer, config, latents_BChw, captions, st
     start = time.perf_counter()
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, 1e-3)
+            group["lr"] = cosine_lr(step, steps, lr)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for members in groups.values():
@@ -253,6 +255,18 @@ def train_transformer(transformer, tokenizer, config, latents_BChw, captions, st
     return transformer.eval()
 
 
+def load_vae(path: str, vae: HunyuanImage3VAEConfig, device: torch.device):
+    """Encoder and decoder from the ``vae.encoder.*`` / ``vae.decoder.*`` tensors of a demo checkpoint, in fp32."""
+    from omni_ep.models.hunyuan_image3.loading import SafetensorsCheckpoint
+
+    checkpoint = SafetensorsCheckpoint(path)
+    encoder, decoder = HunyuanVAEEncoder(vae), HunyuanVAEDecoder.from_vae_config(vae.to_dict())
+    for prefix, module in (("vae.encoder.", encoder), ("vae.decoder.", decoder)):
+        module.load_state_dict({n[len(prefix):]: checkpoint.read(n).float() for n in checkpoint.names()
+                                if n.startswith(prefix)})
+    return encoder.to(device).eval(), decoder.to(device).eval()
+
+
 # ---- the checkpoint, and a check through the pipeline -----------------------------------------------------
 def image_ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Wang et al.'s SSIM (11 x 11 Gaussian window, sigma 1.5) of two [H, W, 3] images in [0, 1], as
@@ -263,15 +277,15 @@ def image_ssim(a: np.ndarray, b: np.ndarray) -> float:
                                        use_sample_covariance=False))
 
 
-def write_model_card(directory: str, args) -> None:
+def write_model_card(directory: str, argv: list[str]) -> None:
     prompts = "\n".join(f"- `{caption}` (scikit-image `{name}`)" for name, caption in DEMO_IMAGES)
     with open(os.path.join(directory, "README.md"), "w") as f:
         f.write(
             "# HunyuanImage-3.0 demo checkpoint (toy size)\n\n"
             "The HunyuanImage-3.0 architecture at toy size, in the released layout (bf16 shards + index, "
-            "`vae.decoder.*` and `vae.encoder.*`), trained by `tools/train_demo_checkpoint.py` "
-            f"(seed {args.seed}, {args.vae_steps} VAE steps, {args.steps} transformer steps) to draw these "
-            f"{IMAGE_SIZE} x {IMAGE_SIZE} images of scikit-image's data set from their captions:\n\n"
+            "`vae.decoder.*` and `vae.encoder.*`), trained by\n\n"
+            f"    python tools/train_demo_checkpoint.py {' '.join(argv)}\n\n"
+            f"to draw these {IMAGE_SIZE} x {IMAGE_SIZE} pictures of scikit-image's data set from their captions:\n\n"
             f"{prompts}\n\nAny other prompt gives a blend of them. Not a general model.\n"
         )
 
@@ -304,7 +318,10 @@ def main(argv=None) -> int:
     parser.add_argument("directory", help="where to write the checkpoint (replaced)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--vae-steps", type=int, default=400, help="VAE optimiser steps (all images per step)")
-    parser.add_argument("--steps", type=int, default=1500, help="transformer optimiser steps (all captions per step)")
+    parser.add_argument("--steps", type=int, default=4000, help="transformer optimiser steps (all captions per step)")
+    parser.add_argument("--vae-from", default=None,
+                        help="take the VAE of an earlier run's checkpoint instead of training one (the same seed and "
+                             "steps train the same VAE)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="training device")
     parser.add_argument("--preview", default=None, help="PNG grid of generated (top) and training (bottom) images")
     args = parser.parse_args(argv)
@@ -319,7 +336,10 @@ def main(argv=None) -> int:
     images = torch.from_numpy(np.stack([demo_image(name) for name, _ in DEMO_IMAGES])).permute(0, 3, 1, 2).float()
 
     # 2. VAE, 3. latents (the encoder's means, scaled to unit variance; the scale goes into config.json)
-    encoder, decoder = train_vae(images, config.vae, args.vae_steps, device)
+    if args.vae_from:
+        encoder, decoder = load_vae(args.vae_from, config.vae, device)
+    else:
+        encoder, decoder = train_vae(images, config.vae, args.vae_steps, device)
     with torch.no_grad():
         mean, _ = encoder(images.to(device).unsqueeze(2) * 2 - 1)
         recon = ((decoder(mean)[:, :, -1] / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).double().cpu().numpy()
@@ -351,7 +371,7 @@ def main(argv=None) -> int:
     config.to_json_file(os.path.join(args.directory, "config.json"))
     encoder_tensors = {f"vae.encoder.{n}": t for n, t in encoder.state_dict().items()}
     save_checkpoint(transformer, decoder, args.directory, dtype=torch.bfloat16, extra_tensors=encoder_tensors)
-    write_model_card(args.directory, args)
+    write_model_card(args.directory, sys.argv[1:] if argv is None else argv)
     logger.info("trained in %.0f s; wrote %s (%.1f MB)", time.perf_counter() - start, args.directory,
                 sum(os.path.getsize(os.path.join(args.directory, f)) for f in os.listdir(args.directory)) / 1e6)
 
