@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -28,3 +29,15 @@ def no_leaked_parallel_state():
     from omni_ep.distributed import destroy_parallel_state
 
     destroy_parallel_state()
+
+
+@pytest.fixture
+def restore_logger():
+    """Undo ``configure_logging`` (the CLI's main calls it): the ``omni_ep`` logger's handlers, level and propagation
+    as they were, so caplog sees the next test's records."""
+    from omni_ep.logger import ROOT_LOGGER
+
+    logger = logging.getLogger(ROOT_LOGGER)
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

@@ -208,10 +208,11 @@ def test_system_prompts_from_the_checkpoint_folder(tmp_path, caplog):
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant, rows, meta", [("instruct-distil", 1, 3), ("instruct", 2, 1)])
-def test_pipeline_feeds_each_step_and_bounds_the_moe_tokens(monkeypatch, variant, rows, meta):
-    """Distil: one row, G = bf16(1000 g) and r = the next timestep on every step, the cached pass [<timestep>,
-    <guidance>, <timestep_r>, 256 image tokens]; Instruct: CFG rows [cond; uncond] and no meta inputs."""
+@pytest.mark.parametrize("variant, images, rows, meta", [("instruct-distil", 1, 1, 3), ("instruct-distil", 2, 2, 3),
+                                                          ("instruct", 1, 2, 1)])
+def test_pipeline_feeds_each_step_and_bounds_the_moe_tokens(monkeypatch, variant, images, rows, meta):
+    """Distil: one row per image, G = bf16(1000 g) and r = the next timestep on every step, the cached pass
+    [<timestep>, <guidance>, <timestep_r>, 256 image tokens]; Instruct: CFG rows [cond; uncond] and no meta inputs."""
     init_parallel_state(ParallelConfig())
     try:
         pipe = HunyuanImage3Pipeline.from_pretrained(tiny_checkpoint_path(variant), torch_dtype=torch.float32)
@@ -226,10 +227,9 @@ def test_pipeline_feeds_each_step_and_bounds_the_moe_tokens(monkeypatch, variant
             return forward(latents, t, *args, **kwargs)
 
         monkeypatch.setattr(pipe.transformer, "forward", spy)
-        pipe("a cat", height=256, width=256, num_inference_steps=3, guidance_scale=3.0, seed=0, output_type="latent",
-             recaption="a red cat")
-        sequence = pipe.encode_prompt(["a cat"], 256, 256, pipe.variant.does_cfg(3.0),
-                                      pipe.variant.text_sections(recaption="a red cat"))
+        call = dict(height=256, width=256, num_inference_steps=3, guidance_scale=3.0, recaption="a red cat")
+        pipe("a cat", seed=0, output_type="latent", num_images_per_prompt=images, **call)
+        sequence = pipe.encode_prompt(pipe.check_inputs("a cat", **call), 0)
     finally:
         destroy_parallel_state()
     assert bounds == [(rows * sequence.input_ids.shape[1], rows * (meta + 256))]
@@ -237,20 +237,53 @@ def test_pipeline_feeds_each_step_and_bounds_the_moe_tokens(monkeypatch, variant
     for step, (batch, t, extra) in enumerate(calls):
         assert batch == rows and t == pytest.approx([timesteps[step]] * rows)
         if variant == "instruct-distil":
-            assert extra["guidance"] == [3008.0] and extra["timestep_r"] == pytest.approx([(timesteps[1:] + [0])[step]])
+            assert extra["guidance"] == [3008.0] * rows
+            assert extra["timestep_r"] == pytest.approx([(timesteps[1:] + [0])[step]] * rows)
         else:
             assert extra == {}
 
 
-def test_cli_runs_distil_with_its_defaults_and_refuses_cfg_parallel(tmp_path, capsys):
+def test_negative_prompt_on_the_instruct_templates():
+    """Instruct: the negative prompt takes the prompt's place in the uncond row ("" is the all-<cfg> row); Distil
+    has no uncond row, so a negative prompt is refused before anything runs."""
+    from transformers import PreTrainedTokenizerFast
+
+    from omni_ep.pipelines.hunyuan_image3.inputs import check_inputs
+
+    path = tiny_checkpoint_path("instruct-distil")
+    config, tokenizer = HunyuanImage3Config.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
+    distil = HunyuanImage3Variant.from_pretrained(path)
+    assert check_inputs(config, tokenizer, ParallelConfig(), distil, "a cat").do_classifier_free_guidance is False
+    with pytest.raises(ValueError, match="distilled into its weights and runs no uncond row"):
+        check_inputs(config, tokenizer, ParallelConfig(), distil, "a cat", negative_prompt="")
+    init_parallel_state(ParallelConfig())
+    try:
+        pipe = HunyuanImage3Pipeline.from_pretrained(tiny_checkpoint_path("instruct"), torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        prompt, call = "a dog running through snow at night", dict(num_inference_steps=2, seed=3, output_type="latent")
+        plain = pipe(prompt, **call).images
+        assert torch.equal(pipe(prompt, negative_prompt="", **call).images, plain)
+        assert not torch.allclose(pipe(prompt, negative_prompt="a cat", **call).images, plain)
+        with pytest.raises(ValueError, match="negative prompt has .* tokens but its prompt has"):
+            pipe("a cat", negative_prompt=prompt, **call)
+    finally:
+        destroy_parallel_state()
+
+
+def test_cli_runs_distil_with_its_defaults_and_refuses_what_it_cannot_do(tmp_path, capsys, restore_logger):
     from examples.text_to_image.text_to_image import main
 
     path = tiny_checkpoint_path("instruct-distil")
     out = tmp_path / "distil.png"
     assert main(["--model", path, "--num-inference-steps", "2", "--dtype", "float32", "--output", str(out),
                  "--system-prompt", "Draw well.", "--recaption", "a red cat on a mat"]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # the CLI logs to stderr
     assert "model: instruct-distil (instruct template), defaults 8 steps, guidance 2.5" in printed
     assert PIL.Image.open(out).size == (256, 256)
     assert main(["--model", path, "--cfg-parallel-size", "2", "--output", str(out)]) == 2
     assert "Use tensor parallel (TP), sequence parallel (SP" in capsys.readouterr().err
+    assert main(["--model", path, "--negative-prompt", "blurry", "--output", str(out)]) == 2
+    assert "runs no uncond row, so a negative_prompt has nowhere to go" in capsys.readouterr().err
+    assert main(["--model", path, "--list-sizes"]) == 0
+    sizes = capsys.readouterr().out.split()
+    assert len(sizes) == 37 and sizes[16] == "256x256" and sizes[33:] == ["1024x768", "1280x720", "768x1024", "720x1280"]

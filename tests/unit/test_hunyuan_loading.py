@@ -17,7 +17,7 @@ from omni_ep.models.hunyuan_image3 import (
     load_transformer,
     load_vae_decoder,
 )
-from omni_ep.models.hunyuan_image3.loading import SafetensorsCheckpoint
+from omni_ep.models.hunyuan_image3.loading import SafetensorsCheckpoint, plan_load
 from omni_ep.models.hunyuan_image3.transformer import SKIPPED_PREFIXES
 from tests.launcher import run_ranks
 from tests.unit.hunyuan_reference import ensure_single_process_state, tiny_checkpoint_path, tiny_inputs
@@ -47,7 +47,9 @@ def _load_report(path, layout, load_format="safetensors"):
         model = load_transformer(path, dtype=torch.float32, device="cpu", load_format=load_format)
         experts = model.model.layers[0].mlp.experts
         stats = model.load_stats
+        planned = plan_load(path, dtype=torch.float32) if load_format == "safetensors" else None
         return {
+            "planned": None if planned is None else (planned.bytes_read, sorted(planned.names_read)),
             "bytes_read": stats.bytes_read,
             "expert_bytes_read": stats.expert_bytes_read,
             "names_read": stats.names_read,
@@ -83,6 +85,7 @@ def test_single_process_reads_everything_but_the_skipped_towers(single):
     stored = _stored_bytes(tiny_checkpoint_path())
     needed = {n: b for n, b in stored.items() if not n.startswith(SKIPPED_PREFIXES)}
     assert single.load_stats.bytes_read == sum(needed.values())
+    assert single.load_stats.stored_dtype == torch.bfloat16  # what save_pretrained writes back
     assert sorted(single.load_stats.names_read) == sorted(needed)
     assert not [n for n in single.load_stats.names_read if n.startswith(SKIPPED_PREFIXES)]
     assert any(n.startswith(p) for n in stored for p in ("vision_model.", "vision_aligner.", "vae.encoder.", "lm_head."))
@@ -97,9 +100,13 @@ def test_expert_parallel_2_reads_replicated_plus_half_the_experts_and_matches_on
     replicated_bytes = sum(needed.values()) - expert_bytes
     reference = _velocity(single)
 
+    vae_bytes = sum(b for n, b in stored.items() if n.startswith("vae.decoder."))
     held = []
     for rank, report in enumerate(r["EP2"] for r in two_ranks):
         assert report["bytes_read"] == replicated_bytes + expert_bytes // 2
+        # plan_load (the CLI's --print-layout) counts the same reads from the headers, plus the VAE decoder
+        vae_names = sorted(n for n in stored if n.startswith("vae.decoder."))
+        assert report["planned"] == (report["bytes_read"] + vae_bytes, sorted(report["names_read"] + vae_names))
         assert report["expert_bytes_read"] == expert_bytes // 2
         ids = report["local_expert_ids"]
         assert ids == list(range(4 * rank, 4 * rank + 4))  # linear placement of 8 experts

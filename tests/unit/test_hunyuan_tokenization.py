@@ -10,6 +10,7 @@ from omni_ep.models.hunyuan_image3.tokenization import (
     build_text_to_image_inputs,
     resolution_buckets,
     snap_to_bucket,
+    template_token_count,
     write_tiny_tokenizer,
 )
 
@@ -104,6 +105,23 @@ def test_bad_inputs(tokenizer):
         build_text_to_image_inputs(tokenizer, "a cat", 64, 64, True)
 
 
+def test_negative_prompt_takes_the_place_of_the_first_cfg_tokens(tokenizer):
+    special = HunyuanImage3SpecialTokens.from_tokenizer(tokenizer, 64)
+    prompt, negative = "a photo of a cat sitting on a red chair", "a dog"
+    n, m = (len(tokenizer.encode(t, add_special_tokens=False)) for t in (prompt, negative))
+    assert m < n
+    out = build_text_to_image_inputs(tokenizer, [prompt], 64, 64, True, 64, negative_prompts=[negative])
+    plain = build_text_to_image_inputs(tokenizer, [prompt], 64, 64, True, 64)
+    cond, uncond = out.input_ids.tolist()
+    assert cond == plain.input_ids[0].tolist() and len(uncond) == len(cond)  # one layout for both rows
+    assert uncond[1 : 1 + m] == tokenizer.encode(negative, add_special_tokens=False)
+    assert uncond[1 + m : 1 + n] == [special.cfg] * (n - m) and uncond[1 + n :] == cond[1 + n :]
+    empty = build_text_to_image_inputs(tokenizer, [prompt], 64, 64, True, 64, negative_prompts=[""])
+    assert torch.equal(empty.input_ids, plain.input_ids)  # "" is the official all-<cfg> row
+    with pytest.raises(ValueError, match="negative prompt has .* tokens but its prompt has"):
+        build_text_to_image_inputs(tokenizer, ["a cat"], 64, 64, True, 64, negative_prompts=[prompt])
+
+
 # ---- the Instruct template -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def instruct_tokenizer(tmp_path_factory):
@@ -161,3 +179,31 @@ def test_instruct_template_without_system_prompt_or_cot(instruct_tokenizer):
                           *instruct_tokenizer.encode("y", add_special_tokens=False), 53, 48, 3]
     with pytest.raises(ValueError, match="pretrain template"):
         build_text_to_image_inputs(instruct_tokenizer, ["a cat"], 256, 256, False, 256, recaption="y")
+
+
+def test_instruct_negative_prompt_takes_the_prompts_place_and_cot_stays_cfg(instruct_tokenizer):
+    """The Instruct uncond row: system prompt and roles kept, the negative prompt then <cfg> in the prompt's
+    section, <cfg> for the CoT text; the same length as the cond row."""
+    prompt, negative = "a photo of a cat sitting on a red chair", "a dog"
+    kwargs = dict(base_size=256, template=DISTIL, system_prompt="be brief", recaption="a red cat")
+    out = build_text_to_image_inputs(instruct_tokenizer, [prompt], 256, 256, True, negative_prompts=[negative],
+                                     **kwargs)
+    plain = build_text_to_image_inputs(instruct_tokenizer, [prompt], 256, 256, True, **kwargs)
+    cond, uncond = out.input_ids.tolist()
+    n = len(instruct_tokenizer.encode(prompt, add_special_tokens=False))
+    neg = instruct_tokenizer.encode(negative, add_special_tokens=False)
+    start = 1 + 7 + 2 + 6  # <bos> "be brief" "\n\n" "User: " (ids of test_instruct_distil_template_known_ids)
+    assert cond == plain.input_ids[0].tolist() and len(uncond) == len(cond)
+    assert uncond[:start] == cond[:start] and uncond[start : start + len(neg)] == neg
+    assert uncond[start + len(neg) : start + n] == [6] * (n - len(neg))  # <cfg> up to the prompt's length
+    assert uncond[start + n :] == plain.input_ids[1, start + n :].tolist()  # CoT still <cfg>, the rest as cond
+    assert template_token_count(instruct_tokenizer, DISTIL, "be brief", recaption="a red cat") == (
+        out.input_ids.shape[1] - n - 16 * 16)
+    with pytest.raises(ValueError, match="negative prompt has .* tokens but its prompt has"):
+        build_text_to_image_inputs(instruct_tokenizer, ["a cat"], 256, 256, True, negative_prompts=[prompt], **kwargs)
+
+
+def test_template_token_count_of_the_base_template(tokenizer):
+    out = build_text_to_image_inputs(tokenizer, ["a cat"], 64, 64, False, 64)
+    n = len(tokenizer.encode("a cat", add_special_tokens=False))
+    assert template_token_count(tokenizer, HunyuanImage3Template()) == 6 == out.input_ids.shape[1] - n - 4 * 4

@@ -71,6 +71,12 @@ class LoadStats:
     expert_bytes_read: int = 0
     tensors_read: int = 0
     names_read: list[str] = field(default_factory=list)
+    bytes_by_dtype: dict[torch.dtype, int] = field(default_factory=dict)
+
+    @property
+    def stored_dtype(self) -> torch.dtype | None:
+        """The dtype that holds most of the bytes read (the checkpoint's own dtype), None when nothing was read."""
+        return max(self.bytes_by_dtype, key=self.bytes_by_dtype.get, default=None)
 
 
 def read_safetensors_header(path: str) -> dict:
@@ -102,11 +108,13 @@ class SafetensorsCheckpoint:
     """The shards of one checkpoint folder, read by tensor name; counts the bytes it reads.
 
     ``read(name, slices)`` reads only the given slice of a tensor (``get_slice``), so TP slices and
-    experts of other ranks cost no reads.
+    experts of other ranks cost no reads. With ``dry_run`` nothing past the headers is read: ``read`` returns a
+    meta tensor of the slice's shape and counts the bytes it would have read.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, dry_run: bool = False):
         self.path = os.fspath(path)
+        self.dry_run = dry_run
         index_path = os.path.join(self.path, INDEX_NAME)
         if os.path.isfile(index_path):
             self.index_path = index_path
@@ -161,6 +169,9 @@ class SafetensorsCheckpoint:
     def read(self, name: str, slices: tuple[slice, ...] | None = None, is_expert: bool = False) -> torch.Tensor:
         """The tensor ``name`` (or ``tensor[slices]``), on CPU in its stored dtype; counted in ``stats``."""
         entry = self.entry(name)
+        if self.dry_run:
+            tensor = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+            return self._count(name, tensor if slices is None else tensor[slices], is_expert)
         if entry.file not in self._handles:
             self._handles[entry.file] = safe_open(os.path.join(self.path, entry.file), framework="pt", device="cpu")
         handle = self._handles[entry.file]
@@ -168,9 +179,13 @@ class SafetensorsCheckpoint:
             tensor = handle.get_tensor(name)
         else:
             tensor = handle.get_slice(name)[slices]
+        return self._count(name, tensor, is_expert)
+
+    def _count(self, name: str, tensor: torch.Tensor, is_expert: bool) -> torch.Tensor:
         nbytes = tensor.numel() * tensor.element_size()
         self.stats.bytes_read += nbytes
         self.stats.expert_bytes_read += nbytes if is_expert else 0
+        self.stats.bytes_by_dtype[tensor.dtype] = self.stats.bytes_by_dtype.get(tensor.dtype, 0) + nbytes
         self.stats.tensors_read += 1
         self.stats.names_read.append(name)
         return tensor
@@ -387,8 +402,9 @@ class DummyCheckpoint:
 
 
 # ---- entry points -----------------------------------------------------------------------------------------
-def _check_supported_layout() -> None:
-    config = get_parallel_config()
+def check_supported_layout(config: ParallelConfig | None = None) -> None:
+    """Raise NotImplementedError for the layouts this model cannot run yet (default: the current state's)."""
+    config = config or get_parallel_config()
     if config.pipeline_parallel_size > 1:
         raise NotImplementedError(
             f"HunyuanImage-3.0 with pipeline parallel ({config.pipeline_parallel_size}) > 1 is not supported yet; "
@@ -416,7 +432,7 @@ def load_transformer(
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     if not is_parallel_state_initialized():
         init_parallel_state(ParallelConfig())
-    _check_supported_layout()
+    check_supported_layout()
     device = torch.device(device) if device is not None else get_parallel_state().device
     config = HunyuanImage3Config.from_pretrained(path)
     checkpoint = SafetensorsCheckpoint(path) if load_format == "safetensors" else DummyCheckpoint(config, device, seed)
@@ -429,6 +445,21 @@ def load_transformer(
     finally:
         checkpoint.close()
     return model.eval()
+
+
+def plan_load(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16) -> LoadStats:
+    """What this rank would read to load the transformer and the VAE decoder, without reading it: the model is
+    built on the meta device and filled through the same loaders from the shard headers alone."""
+    check_supported_layout()
+    config = HunyuanImage3Config.from_pretrained(path)
+    checkpoint = SafetensorsCheckpoint(path, dry_run=True)
+    with parameters_on_meta():
+        model = HunyuanImage3Transformer2DModel(config, params_dtype=dtype)
+    load_weights(model, checkpoint)
+    for name in checkpoint.names():
+        if name.startswith("vae.decoder."):  # every rank reads the whole decoder (load_vae_decoder)
+            checkpoint.read(name)
+    return checkpoint.stats
 
 
 def load_vae_decoder(

@@ -30,6 +30,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from omni_ep.logger import configure_logging
 from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
 from omni_ep.models.hunyuan_image3.tokenization import write_tiny_tokenizer
 from omni_ep.models.hunyuan_image3.vae import HunyuanVAEDecoder
@@ -182,14 +183,17 @@ def write_tiny_checkpoint(
     seed: int = 0,
     num_shards: int = 4,
     config: HunyuanImage3Config | None = None,
+    corpus: tuple[str, ...] | None = None,
 ) -> str:
-    """Write the tiny checkpoint into ``directory`` (created if needed); returns its path."""
+    """Write the tiny checkpoint into ``directory`` (created if needed); returns its path. ``corpus``: the
+    sentences the tokenizer's BPE is trained on (default: a few built-in ones)."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     config = config or tiny_config()
     instruct = config.model_version is not None or bool(config.cfg_distilled or config.use_meanflow)
 
-    write_tiny_tokenizer(directory, vocab_size=min(TINY_VOCAB_SIZE, config.vocab_size), instruct=instruct)
+    corpus_kw = {} if corpus is None else {"corpus": tuple(corpus)}
+    write_tiny_tokenizer(directory, vocab_size=min(TINY_VOCAB_SIZE, config.vocab_size), instruct=instruct, **corpus_kw)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -244,9 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", default="base", choices=VARIANTS,
                         help="the released checkpoint whose layout to write (default: the base model)")
     args = parser.parse_args(argv)
+    logger = configure_logging()  # the omni_ep logger: under ``python -m`` this module's own is "__main__"
     write_tiny_checkpoint(args.directory, args.seed, args.num_shards,
                           tiny_config(args.num_experts, args.top_k, variant=args.variant))
-    print(args.directory)
+    logger.info("wrote %s", args.directory)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,22 @@ def checkpoint_tensors(transformer: nn.Module, vae_decoder: nn.Module | None = N
 
 
 def save_checkpoint(
-    transformer: nn.Module, vae_decoder: nn.Module | None, directory: str | os.PathLike, max_shard_bytes: int = 2**30
+    transformer: nn.Module,
+    vae_decoder: nn.Module | None,
+    directory: str | os.PathLike,
+    max_shard_bytes: int = 2**30,
+    dtype: torch.dtype | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> list[str]:
-    """Write the shards and ``model.safetensors.index.json`` into ``directory``; returns the shard names."""
+    """Write the shards and ``model.safetensors.index.json`` into ``directory``; returns the shard names.
+
+    dtype: every floating tensor is stored in it (the released file is bf16 throughout, the router too);
+    None keeps each tensor's own. extra_tensors: more checkpoint names to store (e.g. ``vae.encoder.*``).
+    """
     tensors = checkpoint_tensors(transformer, vae_decoder)
+    tensors |= {n: t.detach().to("cpu").contiguous() for n, t in (extra_tensors or {}).items()}
+    if dtype is not None:
+        tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
     shards, current, size = [], {}, 0
     for name in sorted(tensors):
         nbytes = tensors[name].numel() * tensors[name].element_size()

@@ -12,7 +12,10 @@ IMAGE-BLOCK = <boi> <img_size_{base}> <img_ratio_k> <timestep> [<guidance>] [<ti
     the bracketed meta slots present in Instruct-Distil (config ``cfg_distilled`` / ``use_meanflow``).
 Classifier-free guidance appends uncond rows: the same sections with every user text (the prompt) and every
 CoT text (think, recaption) replaced one-for-one by <cfg>; the system prompt, role prefixes, tags and the image
-block are kept. Cond and uncond rows share length, positions and mask. Special tokens are resolved BY NAME.
+block are kept. Cond and uncond rows share length, positions and mask. A negative prompt takes the place of the
+first <cfg> tokens of the prompt's section in its uncond row (its tokens, then <cfg> up to the prompt's length),
+in either template; one longer than its prompt cannot share the row layout and is refused. Special tokens are
+resolved BY NAME.
 
 Resolution buckets (base 1024, step 64): from base x base, step height up / width down (and the reverse)
 by `step`, clamped to [base/2, 2*base], until both limits are hit; 33 buckets sorted by height/width:
@@ -169,6 +172,14 @@ class HunyuanImage3SpecialTokens:
         )
 
 
+def negative_prompt_too_long(negative_tokens: int, prompt_tokens: int) -> str:
+    return (
+        f"the negative prompt has {negative_tokens} tokens but its prompt has {prompt_tokens}; the uncond row takes the "
+        "prompt's place token for token (both rows share positions, mask and KV cache), so shorten the negative "
+        "prompt or lengthen the prompt"
+    )
+
+
 @dataclass(frozen=True)
 class TextToImageInputs:
     """Token layout of one text-to-image batch.
@@ -208,6 +219,7 @@ def build_text_to_image_inputs(
     system_prompt: str | None = None,
     think: str | None = None,
     recaption: str | None = None,
+    negative_prompts: list[str] | None = None,
 ) -> TextToImageInputs:
     """Token ids for prompts at the bucket nearest to height x width, in ``template``'s layout (default: the
     base model's "pretrain"). system_prompt, think, recaption: "instruct" only; empty or None leaves the
@@ -215,6 +227,7 @@ def build_text_to_image_inputs(
 
     All prompts must tokenize to the same length (one shared layout); run prompts of different lengths
     in separate calls. height, width of the result are the bucket's; latent grid = bucket // vae_downsample.
+    negative_prompts (one per prompt, with guidance): the text of each uncond row, padded with <cfg> tokens.
     """
     template = template or HunyuanImage3Template()
     if isinstance(prompts, str) or not prompts:
@@ -241,16 +254,23 @@ def build_text_to_image_inputs(
     head, tail, after = _template_sections(tokenizer, template.name, system_prompt, think, recaption)
 
     def row(prompt_section: list[int], cond: bool) -> list[int]:
-        """<bos>, the sections, the image block, what follows it; an uncond row has <cfg> for every token of the
-        user text (the prompt) and of the CoT texts."""
+        """<bos>, the sections, the image block, what follows it. prompt_section: the prompt's tokens, or in an
+        uncond row the negative prompt's padded with <cfg>; an uncond row also has <cfg> for every CoT token."""
         ids = [special.bos]
-        for section, is_text in [*head, (prompt_section, True), *tail]:
-            ids += [special.cfg] * len(section) if is_text and not cond else section
+        for section, is_cot in [*head, (prompt_section, False), *tail]:
+            ids += [special.cfg] * len(section) if is_cot and not cond else section
         return ids + image_block + after
 
     rows = [row(ids, cond=True) for ids in prompt_ids]
     if guidance:
-        rows += [row(ids, cond=False) for ids in prompt_ids]
+        negatives = negative_prompts if negative_prompts is not None else [""] * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
+        for ids, text in zip(prompt_ids, negatives):
+            negative = tokenizer.encode(text, add_special_tokens=False)
+            if len(negative) > len(ids):
+                raise ValueError(negative_prompt_too_long(len(negative), len(ids)))
+            rows.append(row(negative + [special.cfg] * (len(ids) - len(negative)), cond=False))
     timestep_index = len(rows[0]) - len(after) - len(image_block) + 3  # after <boi> <img_size> <img_ratio>
     image_start = timestep_index + len(slots)
     return TextToImageInputs(
@@ -267,9 +287,18 @@ def build_text_to_image_inputs(
     )
 
 
+def template_token_count(tokenizer, template: HunyuanImage3Template, system_prompt: str | None = None,
+                         think: str | None = None, recaption: str | None = None) -> int:
+    """Tokens of a row besides the prompt's and the <img> tokens (6 in "pretrain": <bos>, <boi>, <img_size>,
+    <img_ratio>, <timestep>, <eoi>): what ``build_text_to_image_inputs`` adds, counted without building a row."""
+    head, tail, after = _template_sections(tokenizer, template.name, system_prompt, think, recaption)
+    image_block = 3 + len(template.meta_slots) + 1  # <boi> <img_size> <img_ratio> SLOTS ... <eoi>
+    return 1 + sum(len(section) for section, _ in head + tail) + image_block + len(after)
+
+
 def _template_sections(tokenizer, name, system_prompt, think, recaption):
     """(sections before the prompt, sections between the prompt and the image block, ids after the image block)
-    of template ``name``. A section is (ids, is_text): is_text marks a CoT text, which an uncond row replaces by
+    of template ``name``. A section is (ids, is_cot): is_cot marks a CoT text, which an uncond row replaces by
     <cfg> as it does the prompt. "pretrain" has nothing but the prompt."""
     if name == "pretrain":
         return [], [], []
@@ -305,10 +334,11 @@ def write_tiny_tokenizer(
     vocab_size: int = 512,
     image_base_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024),
     instruct: bool = False,
+    corpus: tuple[str, ...] = _TINY_CORPUS,
 ) -> None:
     """Write a small real HF fast tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json).
 
-    Byte-level BPE trained offline on a few sentences (lowercased), so any text tokenizes; holds bos/eos/pad and
+    Byte-level BPE trained offline on ``corpus`` (lowercased), so any text tokenizes; holds bos/eos/pad and
     every special token the text-to-image template resolves by name, with <img_size_s> for each image_base_sizes;
     with ``instruct`` also those of the Instruct template (``instruct_special_tokens``), after the base ones.
     Loadable with transformers.AutoTokenizer.from_pretrained(directory).
@@ -330,7 +360,7 @@ def write_tiny_tokenizer(
         special_tokens=[bos, eos, pad, *extra],
         show_progress=False,
     )
-    backend.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    backend.train_from_iterator(corpus, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad, additional_special_tokens=extra
     )

@@ -13,9 +13,13 @@ Instruct-Distil conditions each step on two more values, both fed to timestep-st
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+
+if TYPE_CHECKING:  # diffusers takes seconds to import: variant.py (and the early checks) use this module without it
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
 
 def flow_match_sigmas(num_inference_steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -27,13 +31,21 @@ def flow_match_sigmas(num_inference_steps: int, shift: float = 3.0) -> torch.Ten
 
 
 def make_scheduler(
-    num_inference_steps: int, shift: float = 3.0, device: torch.device | str | None = None
+    num_inference_steps: int,
+    shift: float = 3.0,
+    device: torch.device | str | None = None,
+    sigmas: list[float] | None = None,
 ) -> tuple[FlowMatchEulerDiscreteScheduler, torch.Tensor]:
-    """(scheduler ready to step, timesteps [N] = shifted sigma * 1000)."""
+    """(scheduler ready to step, timesteps [N] = shifted sigma * 1000). ``sigmas``: N unshifted sigmas in (0, 1],
+    decreasing, in place of linspace(1, 0, N+1)[:-1] (as diffusers' pipelines take them; the shift still applies)."""
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if sigmas is not None and len(sigmas) != num_inference_steps:
+        raise ValueError(f"{len(sigmas)} sigmas for num_inference_steps={num_inference_steps}")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    unshifted = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+    unshifted = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1] if sigmas is None else np.asarray(sigmas, float)
     scheduler.set_timesteps(sigmas=unshifted, device=device)
     return scheduler, scheduler.timesteps
 
