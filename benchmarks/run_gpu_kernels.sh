@@ -16,10 +16,10 @@ python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider $workers 2>&1 | tee "$
 tests=$?
 python3 benchmarks/bench_moe.py --mode ab --points 64:8194 32:8194 64:4097 32:16388 16:4097 8:4097 \
     --changed 64:4097 32:16388 16:4097 8:4097 --rounds 6 --budget-ms 900 --settle-ms 200 \
-    --json "$OUT/ab_pruned_kernels_h200.json" --table "$OUT/ab_pruned_kernels_h200.md" 2>&1 | tee "$OUT/ab.log"
+    --json "$OUT/kernels_ab_h200.json" --table "$OUT/kernels_ab_h200.md" 2>&1 | tee "$OUT/ab.log"
 ab=$?
 echo
 echo "GPU tests: $(tail -n 1 "$OUT/gpu_tests.log")"
-grep -E '^\| (E_local|[0-9])' "$OUT/ab_pruned_kernels_h200.md" 2>/dev/null
+grep -E '^\| (E_local|[0-9])' "$OUT/kernels_ab_h200.md" 2>/dev/null
 echo "exit codes: tests $tests, A/B $ab"
 [ "$tests" -eq 0 ] && [ "$ab" -eq 0 ]

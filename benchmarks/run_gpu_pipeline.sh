@@ -11,8 +11,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD:$PWD/.ab_base PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-B="python3 benchmarks/bench_pipeline.py"
-T2="torchrun --standalone --nproc-per-node 2 benchmarks/bench_pipeline.py"
+exec > >(tee -a "$OUT/run_gpu_pipeline_${1:-check}.log") 2>&1  # what a killed call printed stays under $OUT
+# Every run is bounded: a hang costs its own limit, not the whole call's.
+B="timeout 300 python3 benchmarks/bench_pipeline.py"
+T2="timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/bench_pipeline.py"
 EP="--enable-expert-parallel"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -63,7 +65,7 @@ distil)
   ;;
 profile)
   # The steady state: cached steps 3..11, replayed as a graph (before: the previous commit's package, .ab_base).
-  P="torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py --model real-dummy --layers 32 --height 1024
+  P="timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py --model real-dummy --layers 32 --height 1024
      --width 1024 --steps 12 --from-step 3 --cfg-parallel-size 2 $EP --all2all-backend ${2:-all2all}"
   $P --package omni_ep_base --json "$OUT/profile_2xh200_cfg2_ep2_before.json" 2>&1 | tail -20
   $P --json "$OUT/profile_2xh200_cfg2_ep2_all2all.json" 2>&1 | tail -20

@@ -13,8 +13,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-B="python3 benchmarks/bench_pipeline.py"
-T2="torchrun --standalone --nproc-per-node 2 benchmarks/bench_pipeline.py"
+exec > >(tee -a "$OUT/run_gpu_sp2_${1:-}.log") 2>&1  # what a killed call printed stays under $OUT
+# Every run is bounded: a hang costs its own limit, not the whole call's.
+B="timeout 300 python3 benchmarks/bench_pipeline.py"
+T2="timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/bench_pipeline.py"
 REAL="--model real-dummy --layers 32 --num-experts 64 --height 1024 --width 1024 --steps 50 --dtype bfloat16"
 EP="--enable-expert-parallel --all2all-backend all2all"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
