@@ -10,7 +10,11 @@ set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD:$PWD/.ab_base PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+S=/tmp/scratch  # latents and per-run JSON: $OUT brings back at most 8 files
+rm -rf "$S"; mkdir -p "$OUT" "$S"
+FULL_LOG=$OUT/full_${1:-check}.log  # every run's whole output; the console gets the lines that matter
+# At exit the per-run JSON files become one, $OUT/${1:-check}.json.
+trap 'python3 -c "import glob, json, os, sys; fs = sorted(glob.glob(\"$S/*.json\")); fs and json.dump({os.path.basename(f)[:-5]: json.load(open(f)) for f in fs}, open(sys.argv[1], \"w\"), indent=1)" "$OUT/${1:-check}.json"' EXIT
 exec > >(tee -a "$OUT/run_gpu_pipeline_${1:-check}.log") 2>&1  # what a killed call printed stays under $OUT
 # Every run is bounded: a hang costs its own limit, not the whole call's.
 B="timeout 300 python3 benchmarks/bench_pipeline.py"
@@ -24,27 +28,27 @@ check)
   # fp32, TF32 off, tiny checkpoint: the previous commit on one GPU, this one on one and two GPUs (limit 1e-4).
   TINY="--model tiny --height 256 --width 256 --steps 4 --dtype float32 --no-timing"
   export NVIDIA_TF32_OVERRIDE=0
-  $B --package omni_ep_base $TINY --save-output "$OUT/tiny_base.pt" 2>&1 | tail -1
-  $B $TINY --compare-output "$OUT/tiny_base.pt" --rtol 1e-4 2>&1 | grep -E "vs |Error"
-  $T2 $TINY --cfg-parallel-size 2 $EP --all2all-backend all2all --compare-output "$OUT/tiny_base.pt" --rtol 1e-4 2>&1 | grep -E "vs |Error"
-  $T2 $TINY --tensor-parallel-size 2 $EP --compare-output "$OUT/tiny_base.pt" --rtol 1e-4 2>&1 | grep -E "vs |Error"
+  $B --package omni_ep_base $TINY --save-output "$S/tiny_base.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
+  $B $TINY --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
+  $T2 $TINY --cfg-parallel-size 2 $EP --all2all-backend all2all --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
+  $T2 $TINY --tensor-parallel-size 2 $EP --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
   unset NVIDIA_TF32_OVERRIDE
   # bf16 at real width, 8 layers (fit one GPU): EP2 layouts vs one GPU, final latents and images.
   R8="--model real-dummy --layers 8 --steps 20"
-  $B $R8 --save-output "$OUT/real8_1gpu.pt" --json "$OUT/real8_1gpu.json" 2>&1 | tail -3
+  $B $R8 --save-output "$S/real8_1gpu.pt" --json "$S/real8_1gpu.json" 2>&1 | tee -a "$FULL_LOG" | tail -3
   for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--cfg-parallel-size 2" \
                 "--tensor-parallel-size 2 --all2all-backend all2all"; do
-    $T2 $R8 $layout $EP --compare-output "$OUT/real8_1gpu.pt" 2>&1 | grep -E "vs |Error|graph"
+    $T2 $R8 $layout $EP --compare-output "$S/real8_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error|graph"
   done
   # What the CUDA graph and the overlap buy, same layout, 8 layers.
   for variant in "" "--no-cuda-graph" "--overlap-chunks 1" "--no-cuda-graph --overlap-chunks 1"; do
     echo "== CFG2+EP2 all2all $variant"
-    $T2 $R8 --cfg-parallel-size 2 $EP --all2all-backend all2all $variant 2>&1 | tail -2
+    $T2 $R8 --cfg-parallel-size 2 $EP --all2all-backend all2all $variant 2>&1 | tee -a "$FULL_LOG" | tail -2
   done
   ;;
 layouts)
   FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"
-  run() { name=$1; shift; echo "== $name"; $T2 $FULL "$@" --json "$OUT/pipeline_2xh200_$name.json" 2>&1 | tail -3; }
+  run() { name=$1; shift; echo "== $name"; $T2 $FULL "$@" --json "$S/pipeline_2xh200_$name.json" 2>&1 | tee -a "$FULL_LOG" | tail -3; }
   run cfg2_ep2_all2all --cfg-parallel-size 2 $EP --all2all-backend all2all
   run cfg2_ep2_allgather_reducescatter --cfg-parallel-size 2 $EP --all2all-backend allgather_reducescatter
   run tp2_ep2_all2all --tensor-parallel-size 2 $EP --all2all-backend all2all
@@ -55,7 +59,7 @@ distil)
   # Instruct-Distil (dummy weights, 32 layers, 1024x1024, bf16, 8 steps): s/image with the VAE decode, peak memory
   # per rank. One row per prompt, so no CFG parallel: TP2 + EP2 on one prompt, DP2 + EP2 on two (one per rank).
   DISTIL="--model real-dummy --variant instruct-distil --layers 32 --height 1024 --width 1024 --steps 8"
-  run() { name=$1; shift; echo "== distil $name"; $T2 $DISTIL "$@" --json "$OUT/distil_2xh200_$name.json" 2>&1 | tail -3; }
+  run() { name=$1; shift; echo "== distil $name"; $T2 $DISTIL "$@" --json "$S/distil_2xh200_$name.json" 2>&1 | tee -a "$FULL_LOG" | tail -3; }
   run tp2_ep2_allgather_reducescatter --tensor-parallel-size 2 $EP --all2all-backend allgather_reducescatter
   run tp2_ep2_all2all --tensor-parallel-size 2 $EP --all2all-backend all2all
   run dp2_ep2_allgather_reducescatter --data-parallel-size 2 $EP --all2all-backend allgather_reducescatter --num-prompts 2
@@ -67,7 +71,7 @@ profile)
   # The steady state: cached steps 3..11, replayed as a graph (before: the previous commit's package, .ab_base).
   P="timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py --model real-dummy --layers 32 --height 1024
      --width 1024 --steps 12 --from-step 3 --cfg-parallel-size 2 $EP --all2all-backend ${2:-all2all}"
-  $P --package omni_ep_base --json "$OUT/profile_2xh200_cfg2_ep2_before.json" 2>&1 | tail -20
-  $P --json "$OUT/profile_2xh200_cfg2_ep2_all2all.json" 2>&1 | tail -20
+  $P --package omni_ep_base --json "$S/profile_2xh200_cfg2_ep2_before.json" 2>&1 | tee -a "$FULL_LOG" | tail -20
+  $P --json "$S/profile_2xh200_cfg2_ep2_all2all.json" 2>&1 | tee -a "$FULL_LOG" | tail -20
   ;;
 esac
