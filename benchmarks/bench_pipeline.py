@@ -57,8 +57,7 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-parallel-size", type=int, default=1)
     p.add_argument("--enable-expert-parallel", action="store_true")
     p.add_argument("--all2all-backend", default="allgather_reducescatter")
-    p.add_argument("--no-cuda-graph", action="store_true", help="run the cached steps eagerly")
-    p.add_argument("--overlap-chunks", type=int, default=None, help="row chunks of the MoE overlap (default: the platform's)")
+    p.add_argument("--cuda-graph", action="store_true", help="replay the cached steps as a CUDA graph")
     p.add_argument("--experts-backend", default=None, help="local-experts implementation (default: the platform's)")
 
 
@@ -105,12 +104,9 @@ def load_pipeline(args):
                                                            load_format=load_format)
     load_s = time.perf_counter() - t0
     pipe.set_progress_bar_config(disable=True)
-    if args.no_cuda_graph:
-        pipe.cuda_graphs = False
+    pipe.cuda_graphs = args.cuda_graph
     fused_moe = importlib.import_module(f"{args.package}.layers.fused_moe").FusedMoE
     for layer in (m for m in pipe.transformer.modules() if isinstance(m, fused_moe)):
-        if args.overlap_chunks is not None:
-            layer.overlap_chunks = args.overlap_chunks
         if args.experts_backend is not None:
             layer.set_experts_backend(args.experts_backend)
     return pipe, state, world, load_s
@@ -123,7 +119,7 @@ def run_meta(args, pipe, load_s) -> dict:
                 package=args.package, layout=importlib.import_module(f"{args.package}.distributed").get_parallel_config().describe(),
                 model=args.model, variant=args.variant, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, experts=cfg.num_experts,
                 height=args.height, width=args.width, guidance=args.guidance_scale, dtype=args.dtype, load_s=load_s,
-                cuda_graph=not args.no_cuda_graph, overlap_chunks=args.overlap_chunks,
+                cuda_graph=args.cuda_graph,
                 tf32=torch.backends.cuda.matmul.allow_tf32)
 
 

@@ -5,11 +5,10 @@
 
 Runs one warm-up generation, then profiles a generation of --steps steps (step 0 plus cached steps) with the torch
 profiler on every rank. Kernel time is summed per category (expert kernels, element-wise, attention, NCCL, GEMMs,
-other); idle is the share of the profiled window in which no kernel ran on the device (launch gaps, host syncs).
-The sequence-parallel exchanges (profiler ranges "ulysses_all_to_all", "ring_pass") get their own line: kernel time
-of the collectives launched inside the range, and its exposed part (when no kernel of another category runs). Those
-ranges are seen on eagerly run steps only (a replayed CUDA graph has no ranges): use --no-cuda-graph to attribute
-every step. Rank 0 prints its table; --json writes every rank's.
+convolutions, other); idle is the share of the profiled window in which no kernel ran on the device (launch gaps,
+host syncs). The sequence-parallel exchanges (profiler ranges "ulysses_all_to_all", "ring_pass") get their own
+line: the NCCL kernel time inside the range's spans on the GPU, and its exposed part (when no other kernel runs).
+A replayed CUDA graph (--cuda-graph) has no ranges. Rank 0 prints its table; --json writes every rank's.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ CATEGORIES = (
     ("experts", ("gate_up", "down_unpermute", "_count_pairs", "_block_offsets", "_place_pairs", "topk_sum",
                  "gather_sorted_rows")),
     ("nccl", ("nccl",)),
+    ("conv", ("implicit_gemm", "nchwtonhwc", "nhwctonchw", "conv")),  # cuDNN convolutions (patch embed / final layer)
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn", "attn")),
     ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "splitk", "nvjet")),
     ("elementwise", ("elementwise", "reduce", "copy", "cat", "index", "vectorized", "scatter", "gather", "norm",
@@ -47,8 +47,10 @@ def category(name: str) -> str:
 # Profiler ranges around omni_ep's sequence-parallel collectives (layers/attention/ulysses.py, ring.py).
 EXCHANGE_RANGES = ("ulysses_all_to_all", "ring_pass")
 
+Interval = tuple[float, float]
 
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+
+def _union(intervals: list[Interval]) -> list[Interval]:
     merged = []
     for start, end in sorted(intervals):
         if merged and start <= merged[-1][1]:
@@ -58,7 +60,11 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return merged
 
 
-def _exposed(intervals, others) -> float:
+def _length(intervals: list[Interval]) -> float:
+    return sum(end - start for start, end in _union(intervals))
+
+
+def _exposed(intervals: list[Interval], others: list[Interval]) -> float:
     """Length of the union of intervals minus the union of others."""
     total, covered = 0.0, _union(others)
     for start, end in _union(intervals):
@@ -66,57 +72,50 @@ def _exposed(intervals, others) -> float:
     return total
 
 
-def exchange_times(events, kernels) -> dict:
-    """Per range of EXCHANGE_RANGES: kernel time of what was launched inside it and its exposed part (ms)."""
-    launched_in = {}  # id of a CPU op -> the range it ran in
-    for event in events:
-        if event.device_type == torch.autograd.DeviceType.CPU and event.name in EXCHANGE_RANGES:
-            stack = [event]
-            while stack:
-                op = stack.pop()
-                launched_in[op.id] = event.name
-                stack.extend(op.cpu_children)
-    compute = [(s, e) for s, e, name, _ in kernels if category(name) != "nccl"]
+def exchange_times(annotations: list[tuple[float, float, str]], kernels: list[tuple[float, float, str]]) -> dict:
+    """Per range of EXCHANGE_RANGES (ms): the NCCL kernel time inside the range's spans on the GPU timeline, and
+    the part of it during which no other kernel runs (exposed). annotations: (start, end, range name) of the
+    profiler's GPU-side user annotations; kernels: (start, end, kernel name)."""
+    compute = [(s, e) for s, e, name in kernels if category(name) != "nccl"]
+    nccl = [(s, e) for s, e, name in kernels if category(name) == "nccl"]
     out = {}
     for label in EXCHANGE_RANGES:
-        mine = [(s, e) for s, e, _, op_id in kernels if launched_in.get(op_id) == label]
-        if mine:
-            out[label] = dict(kernel_ms=sum(e - s for s, e in mine) / 1e3, exposed_ms=_exposed(mine, compute) / 1e3)
+        spans = _union([(s, e) for s, e, name in annotations if name == label])
+        inside = [(max(s, a), min(e, b)) for s, e in nccl for a, b in spans if min(e, b) > max(s, a)]
+        if inside:
+            out[label] = dict(kernel_ms=_length(inside) / 1e3, exposed_ms=_exposed(inside, compute) / 1e3,
+                              ranges=len(spans))
     return out
 
 
 def breakdown(prof, window_us: float) -> dict:
-    """Kernel time per category and per kernel, and the idle share of the window (union of kernel intervals)."""
-    per_cat, per_kernel, intervals, kernels = defaultdict(float), defaultdict(float), [], []
-    events = prof.events()
-    for event in events:
+    """Kernel time per category and per kernel, and the idle share of the window (union of kernel intervals).
+    The profiler's GPU-side user annotations (record_function ranges such as "nccl:all_to_all") span kernels
+    that are counted already: they only place the exchanges."""
+    per_cat, per_kernel, kernels, annotations = defaultdict(float), defaultdict(float), [], []
+    for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
         start, end = event.time_range.start, event.time_range.end
         if end <= start:
             continue
+        if getattr(event, "is_user_annotation", False):
+            annotations.append((start, end, event.name))
+            continue
         per_cat[category(event.name)] += end - start
         per_kernel[event.name] += end - start
-        intervals.append((start, end))
-        kernels.append((start, end, event.name, getattr(event, "linked_correlation_id", 0)))
-    busy, last_end, first = 0.0, None, None
-    for start, end in sorted(intervals):
-        first = start if first is None else first
-        if last_end is None or start > last_end:
-            busy += end - start
-            last_end = end
-        elif end > last_end:
-            busy += end - last_end
-            last_end = end
+        kernels.append((start, end, event.name))
+    intervals = _union([(s, e) for s, e, _ in kernels])
+    busy = sum(e - s for s, e in intervals)
     total = sum(per_cat.values())
-    span = (last_end - first) if intervals else 0.0
+    span = intervals[-1][1] - intervals[0][0] if intervals else 0.0
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
     return dict(
         window_ms=window_us / 1e3, kernel_span_ms=span / 1e3, busy_ms=busy / 1e3, kernel_ms=total / 1e3,
         idle_fraction=1 - busy / window_us if window_us else 0.0,
         categories={c: dict(ms=t / 1e3, share=t / total if total else 0.0) for c, t in sorted(per_cat.items(), key=lambda kv: -kv[1])},
         top_kernels=[dict(name=n[:160], ms=t / 1e3, category=category(n)) for n, t in top],
-        exchanges=exchange_times(events, kernels),
+        exchanges=exchange_times(annotations, kernels),
     )
 
 
@@ -125,7 +124,7 @@ def main() -> None:
     add_layout_args(p)
     p.add_argument("--steps", type=int, default=4, help="steps of the profiled generation")
     p.add_argument("--from-step", type=int, default=0,
-                   help="profile steps from this one to the last (0: the whole generation; 3: cached steps replayed as a graph)")
+                   help="profile steps from this one to the last (0: the whole generation; 2: cached steps only)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     pipe, state, world, load_s = load_pipeline(args)
@@ -170,8 +169,7 @@ def main() -> None:
         for cat, v in r["categories"].items():
             print(f"  {cat:12s} {v['ms']:9.1f} ms  {100 * v['share']:5.1f}%")
         for label, v in r["exchanges"].items():
-            print(f"  {label:20s} kernels {v['kernel_ms']:8.1f} ms, exposed {v['exposed_ms']:8.1f} ms "
-                  "(eager steps only)")
+            print(f"  {label:20s} NCCL {v['kernel_ms']:8.1f} ms, exposed {v['exposed_ms']:8.1f} ms")
         for k in r["top_kernels"][:12]:
             print(f"  {k['ms']:8.1f} ms  {k['category']:11s} {k['name'][:100]}")
         if args.json:

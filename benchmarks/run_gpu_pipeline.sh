@@ -3,7 +3,7 @@
 #   bash benchmarks/run_gpu_pipeline.sh check     # exactness and agreement (about 6 min)
 #   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 9 min)
 #   bash benchmarks/run_gpu_pipeline.sh profile   # the kernel-time breakdown, previous commit and this one (about 4 min)
-#   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (not run yet)
+#   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
 # Carry .whl (the diffusers wheel, benchmarks/README.md) and, for "check", .ab_base (make_baseline_package.sh:
 # the previous commit's package, whose outputs this one must match). Logs and JSON go to $OUT.
 set -uo pipefail
@@ -38,10 +38,10 @@ check)
   $B $R8 --save-output "$S/real8_1gpu.pt" --json "$S/real8_1gpu.json" 2>&1 | tee -a "$FULL_LOG" | tail -3
   for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--cfg-parallel-size 2" \
                 "--tensor-parallel-size 2 --all2all-backend all2all"; do
-    $T2 $R8 $layout $EP --compare-output "$S/real8_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error|graph"
+    $T2 $R8 $layout $EP --compare-output "$S/real8_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error|cuda graph:"
   done
-  # What the CUDA graph and the overlap buy, same layout, 8 layers.
-  for variant in "" "--no-cuda-graph" "--overlap-chunks 1" "--no-cuda-graph --overlap-chunks 1"; do
+  # What the CUDA graph buys, same layout, 8 layers.
+  for variant in "" "--cuda-graph"; do
     echo "== CFG2+EP2 all2all $variant"
     $T2 $R8 --cfg-parallel-size 2 $EP --all2all-backend all2all $variant 2>&1 | tee -a "$FULL_LOG" | tail -2
   done
@@ -68,7 +68,7 @@ distil)
   run r2_ep2_all2all --ring-degree 2 $EP --all2all-backend all2all
   ;;
 profile)
-  # The steady state: cached steps 3..11, replayed as a graph (before: the previous commit's package, .ab_base).
+  # The steady state: cached steps 3..11 (before: the previous commit's package, .ab_base).
   P="timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py --model real-dummy --layers 32 --height 1024
      --width 1024 --steps 12 --from-step 3 --cfg-parallel-size 2 $EP --all2all-backend ${2:-all2all}"
   $P --package omni_ep_base --json "$S/profile_2xh200_cfg2_ep2_before.json" 2>&1 | tee -a "$FULL_LOG" | tail -20

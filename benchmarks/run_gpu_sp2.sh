@@ -60,7 +60,7 @@ case "$part" in
     done ;;
   profile)
     timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py --model real-dummy --layers 32 --height 1024 \
-      --width 1024 --ulysses-degree 2 $EP --no-cuda-graph --steps 6 --from-step 2 --json $S/profile_2xh200_ulysses2_ep2.json \
+      --width 1024 --ulysses-degree 2 $EP --steps 6 --from-step 2 --json $S/profile_2xh200_ulysses2_ep2.json \
       2>&1 | tee -a "$FULL_LOG" | tail -16 ;;
   *) echo "usage: $0 PART... (check ulysses ring baselines profile)" >&2; exit 2 ;;
 esac

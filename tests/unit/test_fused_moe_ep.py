@@ -75,12 +75,11 @@ def ep_worker(rank, world_size):
                 cfg = ParallelConfig(enable_expert_parallel=True, all2all_backend=backend, expert_placement=placement, **kw)
                 state = init_parallel_state(cfg)
                 data_rank = rank // cfg.tensor_parallel_size  # TP peers hold the same tokens
-                # Linear placement: one chunk, token counts asked from the ranks. Round robin: 3 overlapped
-                # chunks (some empty with few tokens) and the token bound known from the forward context.
-                overlap, known_bound = (1, False) if placement == "linear" else (3, True)
+                # Linear placement: token counts asked from the ranks. Round robin: the token bound known from
+                # the forward context.
+                known_bound = placement == "round_robin"
                 for case, top_k in CASES:
                     layer = FusedMoE(E, top_k, H, I, params_dtype=torch.float32)
-                    layer.overlap_chunks = overlap
                     load_layer(layer)
                     x, logits = tokens(case, data_rank, top_k)
                     bound = max(tokens(case, d, top_k)[0].shape[0] for d in range(world_size // cfg.tensor_parallel_size))

@@ -5,4 +5,3 @@ from omni_ep.layers.fused_moe.layer import FusedMoE
 
 class CudaFusedMoE(FusedMoE):
     preferred_experts_backends = ("triton", "torch")
-    overlap_chunks = 2

@@ -42,8 +42,6 @@ class FusedMoE(nn.Module):
 
     # Local-expert implementations to try, best first; the first that supports the device and dtype runs.
     preferred_experts_backends: tuple[str, ...] = ("torch",)
-    # Row chunks whose communication overlaps the other chunks' expert compute (expert parallel only).
-    overlap_chunks: int = 1
 
     def __init__(
         self,
@@ -154,29 +152,16 @@ class FusedMoE(nn.Module):
 
     def _routed(self, x_TH, logits_TE, x_shared_CH, shared_experts, shared_rows=None) -> torch.Tensor:
         """Route, dispatch, local experts, combine; the shared experts' output on x_shared [C, H] is added to
-        rows ``shared_rows`` of the result (all of them when None).
-
-        With overlap_chunks = n > 1 the tokens go in n row chunks: every chunk's dispatch is started first, the
-        shared experts run while they are in flight, then each chunk's experts run while the next chunk's
-        tokens are still arriving and the previous chunk's results travel back."""
+        rows ``shared_rows`` of the result (all of them when None). The shared experts run while the dispatch is
+        in flight."""
         topk_weights_TK, topk_ids_TK = select_experts(logits_TE, self.top_k, self.renormalize)
-        T, n = x_TH.shape[0], self.overlap_chunks if self.use_ep else 1
-        bound = self._token_bound()
-        chunks = [row_chunk(T, i, n) for i in range(n)]  # the same n on every rank: one collective per chunk
-        dispatches = [
-            self.dispatcher.dispatch_async(x_TH[a:b], topk_ids_TK[a:b], topk_weights_TK[a:b],
-                                           None if bound is None else -(-bound // n))
-            for a, b in chunks
-        ]
+        pending = self.dispatcher.dispatch_async(x_TH, topk_ids_TK, topk_weights_TK, self._token_bound())
         shared_CH = shared_experts(x_shared_CH) if shared_experts is not None else None
-        combines = []
-        for pending in dispatches:
-            dispatched = pending.wait()
-            y_MH = self.experts.apply(
-                dispatched.hidden_states, dispatched.topk_ids, dispatched.topk_weights, self.w13_weight, self.w2_weight
-            )
-            combines.append(self.dispatcher.combine_async(y_MH, dispatched.metadata))
-        out_TH = combines[0].wait() if n == 1 else torch.cat([pending.wait() for pending in combines])
+        dispatched = pending.wait()
+        y_MH = self.experts.apply(
+            dispatched.hidden_states, dispatched.topk_ids, dispatched.topk_weights, self.w13_weight, self.w2_weight
+        )
+        out_TH = self.dispatcher.combine(y_MH, dispatched.metadata)
         if shared_CH is not None:
             start, end = shared_rows or (0, out_TH.shape[0])
             out_TH[start:end] += shared_CH

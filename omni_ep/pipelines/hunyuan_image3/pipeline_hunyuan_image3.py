@@ -125,7 +125,10 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         if is_parallel_state_initialized():
             self.variant.check_parallel_config(get_parallel_state().config)
         self.checkpoint_dtype: torch.dtype | None = None  # what save_pretrained writes (the checkpoint's own)
-        self.cuda_graphs = True  # on CUDA, the cached steps replay one captured graph (see cuda_graph.py)
+        # On CUDA, True replays the cached steps as one captured graph (cuda_graph.py). Off by default: on 2 x H200
+        # a replayed step takes as long as an eager one (the GPU idles < 2% of an eager step) and the capture costs
+        # about one step (docs/experiments.md).
+        self.cuda_graphs = False
         # (captured, why not) of the last generation's graph; the graph itself is freed when its generation
         # ends (a captured collective must not outlive it: its communicator could not be torn down).
         self.cuda_graph_status: tuple[bool, str | None] | None = None

@@ -10,7 +10,7 @@ Dispatch returns its metadata; combine consumes it. No state is kept on the disp
 Every rank enters every collective of both calls, also with zero tokens.
 
 ``dispatch_async`` / ``combine_async`` start the same collectives and return a ``Pending`` whose ``wait()``
-gives the result: what the caller launches in between (the shared experts, another chunk's experts) overlaps
+gives the result: what the caller launches in between (the shared experts) overlaps
 the transfer. On CUDA, wait() makes the current stream wait for the collective; the host does not block.
 """
 
