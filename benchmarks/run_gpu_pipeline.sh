@@ -33,13 +33,16 @@ check)
   $T2 $TINY --cfg-parallel-size 2 $EP --all2all-backend all2all --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
   $T2 $TINY --tensor-parallel-size 2 $EP --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
   unset NVIDIA_TF32_OVERRIDE
-  # bf16 at real width, 8 layers (fit one GPU): EP2 layouts vs one GPU, final latents and images.
-  R8="--model real-dummy --layers 8 --steps 20"
-  $B $R8 --save-output "$S/real8_1gpu.pt" --json "$S/real8_1gpu.json" 2>&1 | tee -a "$FULL_LOG" | tail -3
+  # bf16 at real width, 4 layers (fp32 fits one GPU): first the bf16 floor (one GPU, bf16 vs fp32 with TF32 off),
+  # then EP2 layouts vs one GPU in bf16; final latents and images.
+  R4="--model real-dummy --layers 4 --steps 20 --no-timing"
+  NVIDIA_TF32_OVERRIDE=0 $B $R4 --dtype float32 --save-output "$S/real4_fp32.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
+  $B $R4 --save-output "$S/real4_1gpu.pt" --compare-output "$S/real4_fp32.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
   for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--cfg-parallel-size 2" \
-                "--tensor-parallel-size 2 --all2all-backend all2all"; do
-    $T2 $R8 $layout $EP --compare-output "$S/real8_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error|cuda graph:"
+                "--tensor-parallel-size 2 --all2all-backend all2all" "--ulysses-degree 2 --all2all-backend all2all"; do
+    $T2 $R4 $layout $EP --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
   done
+  R8="--model real-dummy --layers 8 --steps 20"
   # What the CUDA graph buys, same layout, 8 layers.
   for variant in "" "--cuda-graph"; do
     echo "== CFG2+EP2 all2all $variant"
