@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import profile_step  # noqa: E402
 
@@ -26,6 +28,6 @@ def test_exchange_times():
     annotations = [(80, 140, "ulysses_all_to_all"), (310, 400, "ulysses_all_to_all"), (0, 400, "nccl:all_to_all")]
     out = profile_step.exchange_times(annotations, kernels)
     assert set(out) == {"ulysses_all_to_all"}
-    assert out["ulysses_all_to_all"]["kernel_ms"] * 1e3 == 50  # 40 + 10
-    assert out["ulysses_all_to_all"]["exposed_ms"] * 1e3 == 35  # 50 - 10 under the experts - 5 under the add
+    assert out["ulysses_all_to_all"]["kernel_ms"] == pytest.approx(0.050)  # 40 + 10 us
+    assert out["ulysses_all_to_all"]["exposed_ms"] == pytest.approx(0.035)  # 50 - 10 under the experts - 5 under the add
     assert out["ulysses_all_to_all"]["ranges"] == 2

@@ -125,9 +125,8 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         if is_parallel_state_initialized():
             self.variant.check_parallel_config(get_parallel_state().config)
         self.checkpoint_dtype: torch.dtype | None = None  # what save_pretrained writes (the checkpoint's own)
-        # On CUDA, True replays the cached steps as one captured graph (cuda_graph.py). Off by default: on 2 x H200
-        # a replayed step takes as long as an eager one (the GPU idles < 2% of an eager step) and the capture costs
-        # about one step (docs/experiments.md).
+        # On CUDA, True replays the cached steps as one captured graph (cuda_graph.py). Off by default: at full size
+        # an eager step leaves the GPU almost no idle time to remove, and the capture costs about one step.
         self.cuda_graphs = False
         # (captured, why not) of the last generation's graph; the graph itself is freed when its generation
         # ends (a captured collective must not outlive it: its communicator could not be torn down).
