@@ -7,7 +7,8 @@ Shapes (defaults): one CFG branch of a cached step at 1024x1024: S = 4097 query 
 image), 13 cached text keys (S_kv = 4110), hidden 4096, 32 query / 8 KV heads of 128, bf16; router logits
 [4097, 64] fp32, top-8.
 
-Ops: rms_norm, add_rms_norm, rope_qk_norm (from the fused qkv output), router_topk. Each contender is timed with
+Ops: rms_norm, add_rms_norm, rope_qk_norm (from the fused qkv output), router_topk, gather_sum (the all2all
+combine at EP 2: [S, H] from two blocks of S + 1 rows). Each contender is timed with
 triton.testing.do_bench (median of CUDA-event times; L2 is flushed before every run) and checked against eager:
 max |out - eager| / max |eager| over every output, ulps and the fraction of elements not bit-equal (16-bit
 outputs), and for the router the fraction of differing ids. GB/s counts the bytes an ideal kernel moves (inputs
@@ -45,7 +46,7 @@ from triton.testing import do_bench
 
 from omni_ep.config import ParallelConfig
 from omni_ep.distributed import destroy_parallel_state, init_parallel_state
-from omni_ep.layers.fused_ops import add_rms_norm, rms_norm, rope_qk_norm, router_topk
+from omni_ep.layers.fused_ops import add_rms_norm, gather_sum, rms_norm, rope_qk_norm, router_topk
 from omni_ep.layers.fused_ops.backend import runs_triton
 from omni_ep.models.hunyuan_image3.attention import HunyuanImage3Attention, HunyuanImage3RMSNorm
 from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
@@ -200,6 +201,17 @@ def op_benchmarks(a, device, dtype, bench) -> list[dict]:
         w, ids = torch.topk(probs, a.top_k, dim=-1)
         return w / w.sum(dim=-1, keepdim=True), ids
 
+    # The all2all combine at EP 2: rows [S, 2] into blocks of S + 1 rows (a dump row each), token t at slot t.
+    R, B = 2, S + 1
+    partial = torch.randn(R * B, H, device=device, dtype=dtype, generator=gen)
+    rows = torch.arange(S, device=device)[:, None] + B * torch.arange(R, device=device)[None, :]
+
+    def eager_gather_sum(partial, rows):
+        out = partial[rows[:, 0]].float()
+        for r in range(1, R):
+            out += partial[rows[:, r]]
+        return out.to(partial.dtype)
+
     cases = [
         ("rms_norm", eager_rms_norm, lambda x: rms_norm(x, weight, eps), (x,), 2 * S * H * size),
         ("add_rms_norm", eager_add_rms_norm, lambda x, r: add_rms_norm(x, r, weight, eps), (x, residual),
@@ -210,6 +222,7 @@ def op_benchmarks(a, device, dtype, bench) -> list[dict]:
          (qkv, cos, sin), 2 * (N + N_kv) * S * D * size + 2 * S * D * 4),
         ("router_topk", eager_router, lambda logits: router_topk(logits, a.top_k, True), (logits,),
          S * a.experts * 4 + S * a.top_k * (4 + 8)),
+        ("gather_sum", eager_gather_sum, gather_sum, (partial, rows), (R + 1) * S * H * size + S * R * 8),
     ]
     fused_name = "triton" if runs_triton(x) else "fused_ops torch path"
     rows = []

@@ -1,6 +1,7 @@
 """The fused ops (omni_ep.layers.fused_ops) against the formulas of the released model, written out here
 (the model calls these ops, so it cannot be their reference): RMSNorm (fp32, cast, then the weight), split_qkv +
-apply_rotary_emb + the fp32 QK-norms, softmax over all experts + top-k + renormalise.
+apply_rotary_emb + the fp32 QK-norms, softmax over all experts + top-k + renormalise, and the all-to-all
+combine's ordered fp32 sum (bit-equal on both paths).
 
 Every case runs twice, each time in a child process (this file run as a script): with TRITON_INTERPRET=1 the
 Triton kernels run under the interpreter; without it the ops take their torch path. triton.jit reads
@@ -196,6 +197,30 @@ def _case_router(gen, T, E, K, renormalize=True, ties=False):
     return result
 
 
+def _case_gather_sum(gen, M, T, R, H, dtype, strided=False):
+    """The all-to-all combine: token t sums rows[t, 0..R-1] of src in fp32, in that order (rows repeat: every
+    token a rank did not get points at its dump row), cast once; the kernel does the same additions."""
+    from omni_ep.layers.fused_ops import gather_sum
+    from omni_ep.layers.fused_ops.backend import runs_triton
+
+    src = (4 * torch.randn(M, H + 5 * strided, generator=gen))[:, :H].to(dtype)
+    rows = torch.randint(0, M, (T, R), generator=gen)
+    out = gather_sum(src, rows)
+    ref = src[rows[:, 0]].float()
+    for r in range(1, R):
+        ref += src[rows[:, r]].float()
+    ref = ref.to(dtype)
+    # fp32 inputs: the order of the sum shows in the result (16-bit rows add up exactly in fp32).
+    in_another_order = sum(src[rows[:, r]].float() for r in reversed(range(R))) if R > 2 and dtype == F32 else None
+    return {
+        "triton": runs_triton(src),
+        "exact": {
+            "bit_equal_to_the_ordered_fp32_sum": out.dtype == dtype and torch.equal(out, ref),
+            **({} if in_another_order is None else {"inputs_tell_the_order": not torch.equal(in_another_order, ref)}),
+        },
+    }
+
+
 def _case_empty(gen):
     from omni_ep.layers.fused_ops import add_rms_norm, rms_norm, router_topk
 
@@ -228,6 +253,12 @@ CASES = {
     "router_E256_K16": lambda g: _case_router(g, T=9, E=256, K=16),
     "router_E64_K8_ties": lambda g: _case_router(g, T=33, E=64, K=8, ties=True),
     "router_E8_K2_ties_not_renormalized": lambda g: _case_router(g, T=33, E=8, K=2, renormalize=False, ties=True),
+    "gather_sum_fp32_R2": lambda g: _case_gather_sum(g, M=2 * 31, T=29, R=2, H=100, dtype=F32),
+    "gather_sum_fp32_R3_wide_strided": lambda g: _case_gather_sum(g, M=3 * 9, T=8, R=3, H=2100, dtype=F32,
+                                                                  strided=True),
+    "gather_sum_fp32_R8": lambda g: _case_gather_sum(g, M=8 * 5, T=37, R=8, H=64, dtype=F32),
+    "gather_sum_fp16_R4": lambda g: _case_gather_sum(g, M=4 * 11, T=10, R=4, H=96, dtype=F16),
+    "gather_sum_R1_no_tokens": lambda g: _case_gather_sum(g, M=3, T=0, R=1, H=16, dtype=F32),
     "empty_inputs": _case_empty,
 }
 
@@ -292,7 +323,7 @@ def test_fused_op_matches_model(case_results, mode, case):
 
 @pytest.mark.timeout(60)
 def test_bad_arguments_raise():
-    from omni_ep.layers.fused_ops import add_rms_norm, rms_norm, rope_qk_norm, router_topk
+    from omni_ep.layers.fused_ops import add_rms_norm, gather_sum, rms_norm, rope_qk_norm, router_topk
 
     x = torch.zeros(3, 8)
     with pytest.raises(ValueError, match="weight"):
@@ -304,6 +335,10 @@ def test_bad_arguments_raise():
     qkv, cos, w = torch.zeros(1, 5, 2 * (3 + 2) * 16), torch.zeros(5, 16), torch.ones(16)
     with pytest.raises(ValueError, match="qkv width"):
         rope_qk_norm(qkv, cos, cos, w, w, EPS, num_kv_heads=2, group_size=4, head_dim=16)
+    with pytest.raises(ValueError, match="int64 rows"):
+        gather_sum(x, torch.zeros(3, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int64 rows"):
+        gather_sum(x, torch.zeros(3, 0, dtype=torch.int64))
     with pytest.raises(ValueError, match="cos"):
         rope_qk_norm(qkv, cos[:4], cos[:4], w, w, EPS, num_kv_heads=2, group_size=3, head_dim=16)
 

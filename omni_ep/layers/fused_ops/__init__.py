@@ -1,9 +1,10 @@
-"""Fused element-wise ops of the non-expert part of a decoder layer: RMSNorm (with the residual add), RoPE +
-QK-norm straight from the fused qkv projection, and the router's softmax + top-k. Each is one Triton kernel
-with a torch path that computes the same function (used off CUDA unless TRITON_INTERPRET=1)."""
+"""Fused element-wise ops of a decoder layer: RMSNorm (with the residual add), RoPE + QK-norm straight from the
+fused qkv projection, the router's softmax + top-k, and the all-to-all combine's gather + sum. Each is one Triton
+kernel with a torch path that computes the same function (used off CUDA unless TRITON_INTERPRET=1)."""
 
+from omni_ep.layers.fused_ops.gather_sum import gather_sum
 from omni_ep.layers.fused_ops.rms_norm import add_rms_norm, rms_norm
 from omni_ep.layers.fused_ops.rope_qk_norm import rope_qk_norm
 from omni_ep.layers.fused_ops.router_topk import router_topk
 
-__all__ = ["add_rms_norm", "rms_norm", "rope_qk_norm", "router_topk"]
+__all__ = ["add_rms_norm", "gather_sum", "rms_norm", "rope_qk_norm", "router_topk"]

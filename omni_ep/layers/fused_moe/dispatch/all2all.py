@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from omni_ep.layers.fused_moe.dispatch.base import DispatchResult, Dispatcher, Pending, to_local_ids
+from omni_ep.layers.fused_ops import gather_sum
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,5 @@ class AllToAllDispatcher(Dispatcher):
         splits = [expert_output.shape[0] // R] * R
         partial, work = self.ep_group.all_to_all_single(expert_output, splits, splits, async_op=True)
 
-        def finish():
-            out_TH = partial[metadata.row_TR[:, 0]].float()
-            for r in range(1, R):  # rank order; rows a rank did not get are its dump row: exact zeros
-                out_TH += partial[metadata.row_TR[:, r]]
-            return out_TH.to(expert_output.dtype)
-
-        return Pending([work], finish)
+        # In rank order, fp32, one cast; rows a rank did not get are its dump row: exact zeros.
+        return Pending([work], lambda: gather_sum(partial, metadata.row_TR))
