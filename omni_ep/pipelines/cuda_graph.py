@@ -2,9 +2,10 @@
 
 From step 1 on, a step runs the same kernels on tensors of the same shapes (the text prefix comes from the KV
 cache), and nothing in it reads a value back to the host (the MoE dispatch has its token bound from the forward
-context). Replaying one graph removes the launch gaps of several thousand kernels. The first cached step runs
-eagerly (Triton compiles its kernels, libraries make their handles); the second is captured; every later step
-copies its inputs (latents, timestep, and whatever else changes per step or per generation, such as
+context). Replaying one graph removes the launch gaps of several thousand kernels, which matters where a step is
+launch-bound (small models and images); the pipeline uses it when ``pipe.cuda_graphs`` is True. The first cached
+step runs eagerly (Triton compiles its kernels, libraries make their handles); the second is captured; every
+later step copies its inputs (latents, timestep, and whatever else changes per step or per generation, such as
 Instruct-Distil's r and guidance) into the graph's input buffers and replays. A value the step reads as a
 Python number would be baked into the graph: everything that varies must come in as an input tensor.
 """
