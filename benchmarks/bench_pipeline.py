@@ -56,7 +56,7 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-parallel-size", type=int, default=1)
     p.add_argument("--data-parallel-size", type=int, default=1)
     p.add_argument("--enable-expert-parallel", action="store_true")
-    p.add_argument("--all2all-backend", default="allgather_reducescatter")
+    p.add_argument("--all2all-backend", default="all2all")
     p.add_argument("--cuda-graph", action="store_true", help="replay the cached steps as a CUDA graph")
     p.add_argument("--experts-backend", default=None, help="local-experts implementation (default: the platform's)")
 

@@ -31,19 +31,19 @@ check)
   $B --package omni_ep_base $TINY --save-output "$S/tiny_base.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
   $B $TINY --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
   $T2 $TINY --cfg-parallel-size 2 $EP --all2all-backend all2all --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
-  $T2 $TINY --tensor-parallel-size 2 $EP --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
+  $T2 $TINY --tensor-parallel-size 2 $EP --all2all-backend allgather_reducescatter --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
   unset NVIDIA_TF32_OVERRIDE
   # Real width, 4 layers (fp32 fits one GPU): fp32 one GPU (TF32 off) as the reference of the fp32 EP2 layouts and
   # of bf16 on one GPU (the bf16 floor); then EP2 layouts vs one GPU in bf16; final latents and images.
   R4="--model real-dummy --layers 4 --steps 20 --no-timing"
   NVIDIA_TF32_OVERRIDE=0 $B $R4 --dtype float32 --save-output "$S/real4_fp32.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
   # fp32 at real width, the Triton experts included: EP2 layouts vs one GPU (limit 1e-4).
-  for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--tensor-parallel-size 2"; do
+  for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--tensor-parallel-size 2 --all2all-backend allgather_reducescatter"; do
     NVIDIA_TF32_OVERRIDE=0 $T2 $R4 --dtype float32 $layout $EP --compare-output "$S/real4_fp32.pt" --rtol 1e-4 2>&1 \
       | tee -a "$FULL_LOG" | grep -E "vs |Error"
   done
   $B $R4 --save-output "$S/real4_1gpu.pt" --compare-output "$S/real4_fp32.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
-  for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--cfg-parallel-size 2" \
+  for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--cfg-parallel-size 2 --all2all-backend allgather_reducescatter" \
                 "--tensor-parallel-size 2 --all2all-backend all2all" "--ulysses-degree 2 --all2all-backend all2all"; do
     $T2 $R4 $layout $EP --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
   done

@@ -23,7 +23,7 @@ class ParallelConfig:
     data_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     enable_expert_parallel: bool = False
-    all2all_backend: str = "allgather_reducescatter"
+    all2all_backend: str = "all2all"  # sparse: each token once to each rank holding one of its experts
     expert_placement: str = "linear"
 
     def __post_init__(self):
