@@ -8,16 +8,19 @@ image), 13 cached text keys (S_kv = 4110), hidden 4096, 32 query / 8 KV heads of
 [4097, 64] fp32, top-8.
 
 Ops: rms_norm, add_rms_norm, rope_qk_norm (from the fused qkv output), router_topk, gather_sum (the all2all
-combine at EP 2: [S, H] from two blocks of S + 1 rows). Each contender is timed with
+combine at EP 2: [S, H] from two blocks of S + 1 rows), scatter_rows (the all2all dispatch's copies into those
+blocks), swiglu (the shared MLP's up * silu(gate) on [S, 2 x 3072]). Each contender is timed with
 triton.testing.do_bench (median of CUDA-event times; L2 is flushed before every run) and checked against eager:
 max |out - eager| / max |eager| over every output, ulps and the fraction of elements not bit-equal (16-bit
 outputs), and for the router the fraction of differing ids. GB/s counts the bytes an ideal kernel moves (inputs
 read once, outputs written once).
 
-Attention (cached step, q [1, 32, 4097, 128], k/v [1, 8, 4110, 128]): (a) the model's call: K/V repeated 4x and
-SDPA with a dense bool mask (row 0, the <timestep> token, sees only the 13 text keys and itself); (b) the same
-result mask-free: SDPA of row 0 on keys[:14] and of rows 1.. on all keys, enable_gqa=True, no repeat; (c) (b)
-pinned to each SDPA backend (flash, efficient, cudnn). Max |out - (a)| is reported.
+Attention (cached step, q [1, 32, 4097, 128], k/v [1, 8, 4110, 128]), up to what o_proj reads ([1, S, N x D]):
+(a) K/V repeated 4x and SDPA with a dense bool mask (row 0, the <timestep> token, sees only the 13 text keys and
+itself); (b) the same result mask-free: SDPA of row 0 on keys[:14] and of rows 1.. on all keys, enable_gqa=True,
+no repeat, the two outputs concatenated; (d) the model's call: q in [B, S, N, D] memory, SDPA of all rows on all
+keys, row 0 overwritten by its own call (no concatenation, no transposing copy), also pinned to each SDPA
+backend (flash, efficient, cudnn). Max |out - (a)| is reported.
 
 A contender that raises is reported as "n/a: <reason>" and the rest go on. Exit code 1 when a Triton kernel
 raises or is off eager by more than rounding-order noise (16-bit outputs: over 1 ulp, or over 1% of elements not
@@ -46,7 +49,7 @@ from triton.testing import do_bench
 
 from omni_ep.config import ParallelConfig
 from omni_ep.distributed import destroy_parallel_state, init_parallel_state
-from omni_ep.layers.fused_ops import add_rms_norm, gather_sum, rms_norm, rope_qk_norm, router_topk
+from omni_ep.layers.fused_ops import add_rms_norm, gather_sum, rms_norm, rope_qk_norm, router_topk, scatter_rows, swiglu
 from omni_ep.layers.fused_ops.backend import runs_triton
 from omni_ep.models.hunyuan_image3.attention import HunyuanImage3Attention, HunyuanImage3RMSNorm
 from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
@@ -64,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--shared-intermediate", type=int, default=3072, help="the shared MLP's intermediate size")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
@@ -212,6 +216,21 @@ def op_benchmarks(a, device, dtype, bench) -> list[dict]:
             out += partial[rows[:, r]]
         return out.to(partial.dtype)
 
+    # The all2all dispatch's copies at EP 2: token t into row t of both blocks (into a fresh buffer each call; the
+    # dump rows, which no token names here, are left out of the comparison).
+    def eager_scatter_rows(x, rows):
+        out = x.new_empty(R * B, H)
+        for r in range(R):
+            out.index_copy_(0, rows[:, r], x)
+        return out.view(R, B, H)[:, :S]
+
+    # The shared MLP's activation on its [up | gate] projection, [S, 2 I].
+    up_gate = torch.randn(S, 2 * a.shared_intermediate, device=device, dtype=dtype, generator=gen)
+
+    def eager_swiglu(up_gate):
+        up, gate = up_gate.chunk(2, dim=-1)
+        return up * F.silu(gate)
+
     cases = [
         ("rms_norm", eager_rms_norm, lambda x: rms_norm(x, weight, eps), (x,), 2 * S * H * size),
         ("add_rms_norm", eager_add_rms_norm, lambda x, r: add_rms_norm(x, r, weight, eps), (x, residual),
@@ -223,6 +242,10 @@ def op_benchmarks(a, device, dtype, bench) -> list[dict]:
         ("router_topk", eager_router, lambda logits: router_topk(logits, a.top_k, True), (logits,),
          S * a.experts * 4 + S * a.top_k * (4 + 8)),
         ("gather_sum", eager_gather_sum, gather_sum, (partial, rows), (R + 1) * S * H * size + S * R * 8),
+        ("scatter_rows", eager_scatter_rows,
+         lambda x, rows: scatter_rows(x, rows, x.new_empty(R * B, H)).view(R, B, H)[:, :S], (x, rows),
+         (R + 1) * S * H * size + S * R * 8),
+        ("swiglu", eager_swiglu, swiglu, (up_gate,), 3 * S * a.shared_intermediate * size),
     ]
     fused_name = "triton" if runs_triton(x) else "fused_ops torch path"
     rows = []
@@ -239,43 +262,54 @@ def attention_benchmarks(a, device, dtype, bench) -> list[dict]:
     S, S_kv, N, N_kv, D, G = a.tokens, a.prefix + a.tokens, a.heads, a.kv_heads, a.head_dim, a.heads // a.kv_heads
     seen_by_timestep = a.prefix + 1  # the text keys and <timestep> itself
     gen = torch.Generator(device).manual_seed(1)
-    q = torch.randn(1, N, S, D, device=device, dtype=dtype, generator=gen)
+    q = torch.randn(1, N, S, D, device=device, dtype=dtype, generator=gen)  # [B, N, S, D] memory
+    q_bsnd = q.transpose(1, 2).contiguous().transpose(1, 2)  # the same values in [B, S, N, D] memory
     k, v = (torch.randn(1, N_kv, S_kv, D, device=device, dtype=dtype, generator=gen) for _ in range(2))
     mask = torch.ones(S, S_kv, dtype=torch.bool, device=device)
     mask[0, seen_by_timestep:] = False
 
-    def dense_mask_repeat_kv(q, k, v):
-        return F.scaled_dot_product_attention(
+    # Each returns what o_proj reads: [1, S, N * D].
+    def dense_mask_repeat_kv(q, q_bsnd, k, v):
+        out = F.scaled_dot_product_attention(
             q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1), attn_mask=mask
         )
+        return out.transpose(1, 2).reshape(1, S, N * D)
 
-    def two_calls_gqa(q, k, v):
+    def two_calls_gqa(q, q_bsnd, k, v):
         first = F.scaled_dot_product_attention(
             q[:, :, :1], k[:, :, :seen_by_timestep], v[:, :, :seen_by_timestep], enable_gqa=True
         )
         rest = F.scaled_dot_product_attention(q[:, :, 1:], k, v, enable_gqa=True)
-        return torch.cat([first, rest], dim=2)
+        return torch.cat([first.transpose(1, 2), rest.transpose(1, 2)], dim=1).reshape(1, S, N * D)
 
-    def pinned(backend):
-        def fn(q, k, v):
+    def widest_over_all_rows(q, q_bsnd, k, v):  # the model's call: q of [B, S, N, D] memory, row 0 overwritten
+        out = F.scaled_dot_product_attention(q_bsnd, k, v, enable_gqa=True)
+        out[:, :, :1] = F.scaled_dot_product_attention(
+            q_bsnd[:, :, :1], k[:, :, :seen_by_timestep], v[:, :, :seen_by_timestep], enable_gqa=True
+        )
+        return out.transpose(1, 2).reshape(1, S, N * D)
+
+    def pinned(backend, fn):
+        def pinned_fn(*inputs):
             with sdpa_kernel([backend]):
-                return two_calls_gqa(q, k, v)
+                return fn(*inputs)
 
-        return fn
+        return pinned_fn
 
     contenders = {
         "a_dense_mask_repeat_kv": dense_mask_repeat_kv,
-        "b_two_calls_gqa_default": two_calls_gqa,
-        "c_two_calls_gqa_flash": pinned(SDPBackend.FLASH_ATTENTION),
-        "c_two_calls_gqa_efficient": pinned(SDPBackend.EFFICIENT_ATTENTION),
-        "c_two_calls_gqa_cudnn": pinned(SDPBackend.CUDNN_ATTENTION),
+        "b_two_calls_gqa_cat": two_calls_gqa,
+        "d_widest_over_all_rows": widest_over_all_rows,
+        "d_widest_over_all_rows_flash": pinned(SDPBackend.FLASH_ATTENTION, widest_over_all_rows),
+        "d_widest_over_all_rows_efficient": pinned(SDPBackend.EFFICIENT_ATTENTION, widest_over_all_rows),
+        "d_widest_over_all_rows_cudnn": pinned(SDPBackend.CUDNN_ATTENTION, widest_over_all_rows),
     }
     flops = 4 * N * S * S_kv * D  # QK^T and PV
-    rows = run_contenders("attention", contenders, (q, k, v), bench, flops=flops)
+    rows = run_contenders("attention", contenders, (q, q_bsnd, k, v), bench, flops=flops)
     if device.type == "cuda":
         for row in rows:
             if row["status"] == "ok":
-                row["kernels"] = attention_kernels(contenders[row["contender"]], (q, k, v))
+                row["kernels"] = attention_kernels(contenders[row["contender"]], (q, q_bsnd, k, v))
     return rows
 
 

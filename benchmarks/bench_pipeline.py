@@ -136,7 +136,8 @@ def main() -> None:
                    help="prompts of the timed call (several for DP); s/image = the call's seconds / prompts")
     p.add_argument("--json", default=None)
     p.add_argument("--save-output", default=None, help="rank 0 saves the final latents and images of two prompts")
-    p.add_argument("--compare-output", default=None, help="rank 0 compares its latents and images with this file")
+    p.add_argument("--compare-output", nargs="+", default=None,
+                   help="rank 0 compares its latents and images with each of these files")
     p.add_argument("--rtol", type=float, default=None, help="fail when the latents' relative error exceeds this")
     p.add_argument("--no-timing", action="store_true", help="only the --save/--compare generation")
     args = p.parse_args()
@@ -177,15 +178,17 @@ def main() -> None:
                 images = np.concatenate([pipe.decode(z[i : i + 1].to(state.device), "np") for i in range(len(z))])
             if args.save_output:
                 torch.save(dict(latents=z, images=torch.from_numpy(images)), args.save_output)
-            if args.compare_output:
-                ref = torch.load(args.compare_output)
+            comparison = []
+            for reference in args.compare_output or []:
+                ref = torch.load(reference)
                 err = ((z - ref["latents"]).norm() / ref["latents"].norm()).item()
                 psnrs = [psnr(images[i], ref["images"][i].numpy()) for i in range(len(images))]
-                comparison = dict(reference=args.compare_output, latents_rel_err=err, image_psnr_db=psnrs)
-                print(f"vs {args.compare_output}: latents relative error {err:.2e}, image PSNR "
+                comparison.append(dict(reference=reference, latents_rel_err=err, image_psnr_db=psnrs))
+                print(f"vs {reference}: latents relative error {err:.2e}, image PSNR "
                       + ", ".join(f"{x:.1f}" for x in psnrs) + " dB")
-                if args.rtol is not None and not err <= args.rtol:
-                    raise SystemExit(f"latents differ from the reference: {err:.2e} > {args.rtol:.0e}")
+            for c in comparison:
+                if args.rtol is not None and not c["latents_rel_err"] <= args.rtol:
+                    raise SystemExit(f"latents differ from {c['reference']}: {c['latents_rel_err']:.2e} > {args.rtol:.0e}")
 
     if state.rank == 0:
         meta = run_meta(args, pipe, load_s) | dict(steps=args.steps)

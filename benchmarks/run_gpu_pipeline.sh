@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device calls for the whole pipeline on two H200s (nvidia-h200-x2), one stage per call:
-#   bash benchmarks/run_gpu_pipeline.sh check     # exactness and agreement (about 6 min)
+#   bash benchmarks/run_gpu_pipeline.sh check     # exactness and agreement (about 7 min)
 #   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 9 min)
 #   bash benchmarks/run_gpu_pipeline.sh profile   # the kernel-time breakdown, previous commit and this one (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
@@ -30,29 +30,25 @@ check)
   export NVIDIA_TF32_OVERRIDE=0
   $B --package omni_ep_base $TINY --save-output "$S/tiny_base.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
   $B $TINY --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
-  $T2 $TINY --cfg-parallel-size 2 $EP --all2all-backend all2all --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
-  $T2 $TINY --tensor-parallel-size 2 $EP --all2all-backend allgather_reducescatter --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
+  for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--tensor-parallel-size 2 --all2all-backend allgather_reducescatter" \
+                "--ulysses-degree 2 --all2all-backend all2all"; do
+    $T2 $TINY $layout $EP --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
+  done
   unset NVIDIA_TF32_OVERRIDE
   # Real width, 4 layers (fp32 fits one GPU): fp32 one GPU (TF32 off) as the reference of the fp32 EP2 layouts and
-  # of bf16 on one GPU (the bf16 floor); then EP2 layouts vs one GPU in bf16; final latents and images.
+  # of bf16 on one GPU (the bf16 floor); then bf16 CFG2 + EP2 vs the previous commit's on two GPUs and vs one GPU.
   R4="--model real-dummy --layers 4 --steps 20 --no-timing"
   NVIDIA_TF32_OVERRIDE=0 $B $R4 --dtype float32 --save-output "$S/real4_fp32.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
   # fp32 at real width, the Triton experts included: EP2 layouts vs one GPU (limit 1e-4).
   for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--tensor-parallel-size 2 --all2all-backend allgather_reducescatter"; do
     NVIDIA_TF32_OVERRIDE=0 $T2 $R4 --dtype float32 $layout $EP --compare-output "$S/real4_fp32.pt" --rtol 1e-4 2>&1 \
-      | tee -a "$FULL_LOG" | grep -E "vs |Error"
+      | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
   done
   $B $R4 --save-output "$S/real4_1gpu.pt" --compare-output "$S/real4_fp32.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
-  for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--cfg-parallel-size 2 --all2all-backend allgather_reducescatter" \
-                "--tensor-parallel-size 2 --all2all-backend all2all" "--ulysses-degree 2 --all2all-backend all2all"; do
-    $T2 $R4 $layout $EP --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
-  done
-  R8="--model real-dummy --layers 8 --steps 20"
-  # What the CUDA graph buys, same layout, 8 layers.
-  for variant in "" "--cuda-graph"; do
-    echo "== CFG2+EP2 all2all $variant"
-    $T2 $R8 --cfg-parallel-size 2 $EP --all2all-backend all2all $variant 2>&1 | tee -a "$FULL_LOG" | tail -2
-  done
+  CFG2="--cfg-parallel-size 2 $EP --all2all-backend all2all"
+  $T2 --package omni_ep_base $R4 $CFG2 --save-output "$S/real4_cfg2_base.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
+  $T2 $R4 $CFG2 --compare-output "$S/real4_cfg2_base.pt" "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
+  $T2 $R4 --ulysses-degree 2 $EP --all2all-backend all2all --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
   ;;
 layouts)
   FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"

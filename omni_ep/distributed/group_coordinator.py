@@ -81,13 +81,20 @@ class GroupCoordinator:
         return (out, work) if async_op else out
 
     def all_to_all_single(
-        self, x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int], async_op: bool = False
+        self,
+        x: torch.Tensor,
+        output_split_sizes: list[int],
+        input_split_sizes: list[int],
+        async_op: bool = False,
+        out: torch.Tensor | None = None,
     ):
-        """Send rows input_split_sizes[r] to rank r; receive output_split_sizes[r] rows from rank r (async_op:
-        as all_gather)."""
+        """Send rows input_split_sizes[r] to rank r; receive output_split_sizes[r] rows from rank r, into ``out``
+        when given (async_op: as all_gather)."""
         if self.world_size == 1:
-            return (x, None) if async_op else x
-        out = x.new_empty((sum(output_split_sizes),) + tuple(x.shape[1:]))
+            result = x if out is None else out.copy_(x)
+            return (result, None) if async_op else result
+        if out is None:
+            out = x.new_empty((sum(output_split_sizes),) + tuple(x.shape[1:]))
         work = dist.all_to_all_single(
             out, x.contiguous(), output_split_sizes, input_split_sizes, group=self.group, async_op=async_op
         )

@@ -1,7 +1,8 @@
 """The fused ops (omni_ep.layers.fused_ops) against the formulas of the released model, written out here
 (the model calls these ops, so it cannot be their reference): RMSNorm (fp32, cast, then the weight), split_qkv +
-apply_rotary_emb + the fp32 QK-norms, softmax over all experts + top-k + renormalise, and the all-to-all
-combine's ordered fp32 sum (bit-equal on both paths).
+apply_rotary_emb + the fp32 QK-norms (k and v also written into a KV buffer), softmax over all experts + top-k +
+renormalise, the shared MLP's up * silu(gate), the all-to-all dispatch's row copies and the combine's ordered fp32
+sum (the last two bit-equal on both paths).
 
 Every case runs twice, each time in a child process (this file run as a script): with TRITON_INTERPRET=1 the
 Triton kernels run under the interpreter; without it the ops take their torch path. triton.jit reads
@@ -119,8 +120,9 @@ def _model_attention(num_kv_heads, group_size, head_dim, dtype, gen):
     return attn
 
 
-def _case_rope_qk_norm(gen, B, S, num_kv_heads, group_size, head_dim, dtype, per_sample_tables=False):
-    """The model's forward up to SDPA (split, RoPE in fp32, THEN QK-norm, cast) vs one rope_qk_norm call."""
+def _case_rope_qk_norm(gen, B, S, num_kv_heads, group_size, head_dim, dtype, per_sample_tables=False, prefix=0):
+    """The model's forward up to SDPA (split, RoPE in fp32, THEN QK-norm, cast) vs one rope_qk_norm call; with
+    ``prefix`` rows, k and v are written into a KV buffer [B, prefix + S, N_kv, D] behind them (a cached step)."""
     from omni_ep.layers.fused_ops.backend import runs_triton
     from omni_ep.layers.fused_ops.rope_qk_norm import rope_qk_norm
     from omni_ep.models.hunyuan_image3.rope import apply_rotary_emb, rope_cos_sin
@@ -140,9 +142,13 @@ def _case_rope_qk_norm(gen, B, S, num_kv_heads, group_size, head_dim, dtype, per
     q_ref = _weight_before_cast(attn.query_layernorm, q_rot).to(dtype)
     k_ref = _weight_before_cast(attn.key_layernorm, k_rot).to(dtype)
 
+    kv_out, buffers = None, None
+    if prefix:
+        buffers = [torch.full((B, prefix + S, num_kv_heads, head_dim), 7.0, dtype=dtype) for _ in range(2)]
+        kv_out = tuple(buf.transpose(1, 2)[:, :, prefix:] for buf in buffers)
     q, k, v = rope_qk_norm(
         qkv, cos, sin, attn.query_layernorm.weight.detach(), attn.key_layernorm.weight.detach(), EPS,
-        num_kv_heads, group_size, head_dim,
+        num_kv_heads, group_size, head_dim, kv_out=kv_out,
     )
     # The other order: cast to the model dtype before the weight multiply, as the hidden-state norm does.
     q_wrong = _weight_after_cast(attn.query_layernorm.weight.detach(), q_rot, dtype)
@@ -152,9 +158,12 @@ def _case_rope_qk_norm(gen, B, S, num_kv_heads, group_size, head_dim, dtype, per
         "triton": runs_triton(qkv),
         **{key: max(q_err[key], k_err[key]) for key in q_err if key != "exact"},
         "exact": {
-            "q_k_contiguous": q.is_contiguous() and k.is_contiguous(),
-            "v_is_the_view_of_qkv": torch.equal(v, v_model)
-            and v.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr(),
+            "q_of_BSND_memory": q.transpose(1, 2).is_contiguous(),
+            **({"k_contiguous": k.is_contiguous(),
+                "v_is_the_view_of_qkv": torch.equal(v, v_model)
+                and v.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()} if not prefix else
+               {"k_v_written_into_kv_out": k is kv_out[0] and v is kv_out[1] and torch.equal(v, v_model),
+                "prefix_rows_untouched": all(bool((buf[:, :prefix] == 7.0).all()) for buf in buffers)}),
             **q_err.get("exact", {}),
             **k_err.get("exact", {}),
         },
@@ -221,6 +230,52 @@ def _case_gather_sum(gen, M, T, R, H, dtype, strided=False):
     }
 
 
+def _case_scatter_rows(gen, T, R, H, dtype, strided=False):
+    """The all-to-all dispatch's copies: token t lands in rows[t, 0..R-1] of its rank blocks [R, B, H], compacted,
+    or in the block's last (dump) row, where several tokens may land; rows no token names keep their contents."""
+    from omni_ep.layers.fused_ops import scatter_rows
+    from omni_ep.layers.fused_ops.backend import runs_triton
+
+    src = (4 * torch.randn(T, H + 3 * strided, generator=gen))[:, :H].to(dtype)
+    B = T + 1
+    wanted = torch.rand(T, R, generator=gen) < 0.6
+    slot = torch.cumsum(wanted.long(), dim=0) - 1
+    rows = torch.where(wanted, slot, B - 1) + B * torch.arange(R)
+    out = scatter_rows(src, rows, torch.full((R * B, H), 7.0, dtype=dtype))
+    ref = torch.full((R * B, H), 7.0, dtype=dtype)
+    for r in range(R):
+        ref[rows[wanted[:, r], r]] = src[wanted[:, r]]
+    dumped = [(r, (~wanted[:, r]).nonzero().flatten()) for r in range(R)]
+    dump_ok = all(
+        (out[r * B + B - 1] == 7.0).all() if not len(tokens) else (out[r * B + B - 1] == src[tokens]).all(1).any()
+        for r, tokens in dumped
+    )
+    real = torch.ones(R * B, dtype=torch.bool)
+    real[B - 1 :: B] = False
+    return {
+        "triton": runs_triton(src),
+        "exact": {
+            "rows_bit_equal": torch.equal(out[real], ref[real]),
+            "dump_row_holds_one_dumped_token": bool(dump_ok),
+            "some_token_dumped": any(len(tokens) for _, tokens in dumped),
+        },
+    }
+
+
+def _case_swiglu(gen, shape, dtype):
+    """The shared MLP's activation on its [up | gate] projection: up * F.silu(gate), two roundings in 16 bits."""
+    import torch.nn.functional as F
+
+    from omni_ep.layers.fused_ops import swiglu
+    from omni_ep.layers.fused_ops.backend import runs_triton
+
+    up_gate = (3 * torch.randn(*shape, generator=gen)).to(dtype)
+    up, gate = up_gate.chunk(2, dim=-1)
+    ref = up * F.silu(gate)
+    one_rounding = (up.float() * F.silu(gate.float())).to(dtype)  # silu not rounded to 16 bits first
+    return {"triton": runs_triton(up_gate), **_errors(swiglu(up_gate), ref, one_rounding)}
+
+
 def _case_empty(gen):
     from omni_ep.layers.fused_ops import add_rms_norm, rms_norm, router_topk
 
@@ -246,6 +301,8 @@ CASES = {
                                                           dtype=F32),
     "rope_qk_norm_fp16_D32": lambda g: _case_rope_qk_norm(g, B=1, S=33, num_kv_heads=2, group_size=4, head_dim=32,
                                                           dtype=F16),
+    "rope_qk_norm_fp32_D24_into_kv_buffer": lambda g: _case_rope_qk_norm(
+        g, B=2, S=9, num_kv_heads=2, group_size=2, head_dim=24, dtype=F32, prefix=5),
     "router_E8_K1": lambda g: _case_router(g, T=29, E=8, K=1),
     "router_E8_K2_not_renormalized": lambda g: _case_router(g, T=29, E=8, K=2, renormalize=False),
     "router_E64_K8": lambda g: _case_router(g, T=37, E=64, K=8),
@@ -259,6 +316,11 @@ CASES = {
     "gather_sum_fp32_R8": lambda g: _case_gather_sum(g, M=8 * 5, T=37, R=8, H=64, dtype=F32),
     "gather_sum_fp16_R4": lambda g: _case_gather_sum(g, M=4 * 11, T=10, R=4, H=96, dtype=F16),
     "gather_sum_R1_no_tokens": lambda g: _case_gather_sum(g, M=3, T=0, R=1, H=16, dtype=F32),
+    "scatter_rows_fp32_R2": lambda g: _case_scatter_rows(g, T=29, R=2, H=100, dtype=F32),
+    "scatter_rows_fp16_R3_wide_strided": lambda g: _case_scatter_rows(g, T=9, R=3, H=2100, dtype=F16, strided=True),
+    "swiglu_fp32_3d": lambda g: _case_swiglu(g, (2, 7, 2 * 50), F32),
+    "swiglu_fp32_wide": lambda g: _case_swiglu(g, (5, 2 * 1100), F32),
+    "swiglu_fp16": lambda g: _case_swiglu(g, (31, 2 * 96), F16),
     "empty_inputs": _case_empty,
 }
 
@@ -323,7 +385,7 @@ def test_fused_op_matches_model(case_results, mode, case):
 
 @pytest.mark.timeout(60)
 def test_bad_arguments_raise():
-    from omni_ep.layers.fused_ops import add_rms_norm, gather_sum, rms_norm, rope_qk_norm, router_topk
+    from omni_ep.layers.fused_ops import add_rms_norm, gather_sum, rms_norm, rope_qk_norm, router_topk, scatter_rows, swiglu
 
     x = torch.zeros(3, 8)
     with pytest.raises(ValueError, match="weight"):
@@ -339,8 +401,15 @@ def test_bad_arguments_raise():
         gather_sum(x, torch.zeros(3, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="int64 rows"):
         gather_sum(x, torch.zeros(3, 0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="scatter_rows takes"):
+        scatter_rows(x, torch.zeros(3, 2, dtype=torch.int64), torch.zeros(4, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="2I"):
+        swiglu(torch.zeros(3, 7))
     with pytest.raises(ValueError, match="cos"):
         rope_qk_norm(qkv, cos[:4], cos[:4], w, w, EPS, num_kv_heads=2, group_size=3, head_dim=16)
+    kv = torch.zeros(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="kv_out"):
+        rope_qk_norm(qkv, cos, cos, w, w, EPS, num_kv_heads=2, group_size=3, head_dim=16, kv_out=(kv, kv[:, :1]))
 
 
 if __name__ == "__main__":

@@ -83,9 +83,14 @@ def test_kv_cache_stores_the_prefix_then_prepends_it():
     k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
     assert cache.store_or_extend(0, k, v)[0] is k
     assert torch.equal(cache.keys[0], k[:, :, :3])
+    assert cache.extended(1, 2, 4) is None  # layer 1 holds no prefix yet
     k2, v2 = torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 4)
     cache.end_fill()
     assert cache.is_filled
+    # The buffers a cached step writes its keys into: the prefix first, [B, S_kv, N_kv, D] memory.
+    kx, vx = cache.extended(0, 2, 4)
+    assert kx.shape == vx.shape == (2, 2, 7, 4) and kx.transpose(1, 2).is_contiguous()
+    assert torch.equal(kx[:, :, :3], k[:, :, :3]) and torch.equal(vx[:, :, :3], v[:, :, :3])
     ek, ev = cache.store_or_extend(0, k2, v2)
     assert torch.equal(ek, torch.cat([k[:, :, :3], k2], 2)) and torch.equal(ev, torch.cat([v[:, :, :3], v2], 2))
     with pytest.raises(ValueError, match="batch"):

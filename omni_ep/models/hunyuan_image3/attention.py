@@ -95,6 +95,19 @@ class HunyuanImage3KVCache:
             )
         return self.keys[layer_idx], self.values[layer_idx]
 
+    def extended(self, layer_idx: int, batch: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """k, v [B, N_kv, prefix_len + num_tokens, D] (views of [B, S_kv, N_kv, D] memory, the SDPA kernels'
+        layout) holding the cached prefix, the rest for the caller to write the step's keys and values into;
+        None before the filling pass stored this layer's prefix."""
+        cached = self.prefix(layer_idx, batch)
+        if cached is None:
+            return None
+        B, N_kv, P, D = cached[0].shape
+        k_BSKD, v_BSKD = (cached[0].new_empty(B, P + num_tokens, N_kv, D) for _ in range(2))
+        k_BSKD[:, :P].copy_(cached[0].transpose(1, 2))
+        v_BSKD[:, :P].copy_(cached[1].transpose(1, 2))
+        return k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2)
+
     def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep a layer's prefix k, v [B, N_kv, prefix_len, D] (during the filling pass)."""
         self.keys[layer_idx], self.values[layer_idx] = k.contiguous(), v.contiguous()
@@ -159,20 +172,30 @@ class HunyuanImage3Attention(nn.Module):
         kv_cache: HunyuanImage3KVCache | None = None,
     ) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
+        B, S = qkv.shape[:2]
+        # A cached step without sequence parallel: the step's keys and values go straight behind the prefix.
+        kv_all = None
+        if kv_cache is not None and self.sequence_parallel is None:
+            kv_all = kv_cache.extended(self.layer_idx, B, S)
         # Split per KV head, RoPE in fp32, THEN the per-head RMSNorm (still fp32), then back to the model dtype:
         # one fused kernel on GPUs.
         q_BNSD, k_BKSD, v_BKSD = rope_qk_norm(
             qkv, cos, sin, self.query_layernorm.weight, self.key_layernorm.weight, self.query_layernorm.eps,
             self.num_kv_heads, self.group_size, self.head_dim,
+            kv_out=None if kv_all is None else tuple(t[:, :, t.shape[2] - S :] for t in kv_all),
         )
-        out_BSND = self.core_attention(q_BNSD, k_BKSD, v_BKSD, segments, kv_cache)
-        B, S, N, D = out_BSND.shape
+        if kv_all is None:
+            out_BSND = self.core_attention(q_BNSD, k_BKSD, v_BKSD, segments, kv_cache)
+        else:
+            out_BSND = segmented_attention(q_BNSD, *kv_all, segments)
+        N, D = out_BSND.shape[2:]
         out, _ = self.o_proj(out_BSND.reshape(B, S, N * D))
         return out
 
     def core_attention(self, q_BNSD, k_BKSD, v_BKSD, segments, kv_cache) -> torch.Tensor:
-        """Softmax attention of this rank's queries over every key they see (cached prefix included): [B, S, N, D].
-        Under sequence parallel, ``sequence_parallel`` (set by ``apply_sequence_parallel``) runs it."""
+        """Softmax attention of this rank's queries over every key they see (the prefix stored on a filling pass,
+        prepended on a cached one): [B, S, N, D]. Under sequence parallel, ``sequence_parallel`` (set by
+        ``apply_sequence_parallel``) runs it."""
         if self.sequence_parallel is not None:
             return self.sequence_parallel(q_BNSD, k_BKSD, v_BKSD, segments, kv_cache)
         if kv_cache is not None:
@@ -185,20 +208,38 @@ def segmented_attention(
 ) -> torch.Tensor:
     """Softmax attention of queries [S_kv - S, S_kv) over keys [0, S_kv), one call per segment: a mask-free key
     prefix (or plain causal from token 0) needs no mask tensor, and GQA is native (K/V heads are not repeated).
-    Returns [B, S, N, D]."""
+    Returns [B, S, N, D].
+
+    The longest mask-free segment runs over ALL the queries and the other segments overwrite their rows of its
+    output: no concatenation, and with q a view of [B, S, N, D] memory (rope_qk_norm's) the result is
+    contiguous. A query row's softmax does not depend on the other rows of the call."""
     S_kv, q_offset = k_BKSD.shape[2], k_BKSD.shape[2] - q_BNSD.shape[2]
     if segments[0].q_start != q_offset or segments[-1].q_end != S_kv:
         raise ValueError(f"segments {segments} do not cover queries [{q_offset}, {S_kv})")
-    outs = []
+    plain = [seg for seg in segments if not seg.causal]
+    widest = max(plain, key=lambda seg: seg.q_end - seg.q_start) if plain else None
+    if widest is not None:
+        whole = AttentionSegment(q_offset, S_kv, widest.kv_end, False)
+        out_BNSD = _segment_attention(q_BNSD, k_BKSD, v_BKSD, whole, q_offset)
+    else:
+        B, N, S, D = q_BNSD.shape[0], q_BNSD.shape[1], q_BNSD.shape[2], v_BKSD.shape[3]
+        out_BNSD = q_BNSD.new_empty(B, S, N, D).transpose(1, 2)
     for seg in segments:
-        q = q_BNSD[:, :, seg.q_start - q_offset : seg.q_end - q_offset]
-        k, v = k_BKSD[:, :, : seg.kv_end], v_BKSD[:, :, : seg.kv_end]
-        mask, is_causal = None, False
-        if seg.causal and seg.q_start == 0:
-            is_causal = True  # queries and keys start together: torch's causal alignment
-        elif seg.causal:  # query i sees keys [0, i]
-            keys = torch.arange(seg.kv_end, device=q.device)
-            mask = keys[None, :] <= torch.arange(seg.q_start, seg.q_end, device=q.device)[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-        outs.append(out.transpose(1, 2))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if seg is not widest:
+            out_BNSD[:, :, seg.q_start - q_offset : seg.q_end - q_offset] = _segment_attention(
+                q_BNSD, k_BKSD, v_BKSD, seg, q_offset
+            )
+    return out_BNSD.transpose(1, 2)
+
+
+def _segment_attention(q_BNSD, k_BKSD, v_BKSD, seg: AttentionSegment, q_offset: int) -> torch.Tensor:
+    """One segment's queries over its keys: [B, N, q_end - q_start, D]."""
+    q = q_BNSD[:, :, seg.q_start - q_offset : seg.q_end - q_offset]
+    k, v = k_BKSD[:, :, : seg.kv_end], v_BKSD[:, :, : seg.kv_end]
+    mask, is_causal = None, False
+    if seg.causal and seg.q_start == 0:
+        is_causal = True  # queries and keys start together: torch's causal alignment
+    elif seg.causal:  # query i sees keys [0, i]
+        keys = torch.arange(seg.kv_end, device=q.device)
+        mask = keys[None, :] <= torch.arange(seg.q_start, seg.q_end, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
