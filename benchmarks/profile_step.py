@@ -32,7 +32,8 @@ CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn", "attn")),
     ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "splitk", "nvjet")),
     ("elementwise", ("elementwise", "reduce", "copy", "cat", "index", "vectorized", "scatter", "gather", "norm",
-                     "softmax", "topk", "sort", "fill", "triton", "where", "arange", "cumsum", "mul", "add")),
+                     "softmax", "topk", "sort", "fill", "triton", "where", "arange", "cumsum", "scan", "mul", "add",
+                     "swiglu", "moments", "memcpy", "memset")),
 )
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device calls for the whole pipeline on two H200s (nvidia-h200-x2), one stage per call:
 #   bash benchmarks/run_gpu_pipeline.sh check     # exactness and agreement (about 7 min)
-#   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 9 min)
+#   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 8 min)
 #   bash benchmarks/run_gpu_pipeline.sh profile   # the kernel-time breakdown, previous commit and this one (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
 # Carry .whl (the diffusers wheel, benchmarks/README.md) and, for "check", .ab_base (make_baseline_package.sh:
@@ -51,13 +51,16 @@ check)
   $T2 $R4 --ulysses-degree 2 $EP --all2all-backend all2all --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
   ;;
 layouts)
+  # Eager and with the cached steps replayed as a CUDA graph.
   FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"
   run() { name=$1; shift; echo "== $name"; $T2 $FULL "$@" --json "$S/pipeline_2xh200_$name.json" 2>&1 | tee -a "$FULL_LOG" | tail -3; }
   run cfg2_ep2_all2all --cfg-parallel-size 2 $EP --all2all-backend all2all
-  run cfg2_ep2_allgather_reducescatter --cfg-parallel-size 2 $EP --all2all-backend allgather_reducescatter
-  run tp2_ep2_all2all --tensor-parallel-size 2 $EP --all2all-backend all2all
-  run tp2_ep2_allgather_reducescatter --tensor-parallel-size 2 $EP --all2all-backend allgather_reducescatter
+  run cfg2_ep2_all2all_graph --cfg-parallel-size 2 $EP --all2all-backend all2all --cuda-graph
+  run cfg2_ep2_allgather_reducescatter_graph --cfg-parallel-size 2 $EP --all2all-backend allgather_reducescatter --cuda-graph
+  run tp2_ep2_all2all_graph --tensor-parallel-size 2 $EP --all2all-backend all2all --cuda-graph
+  run tp2_ep2_allgather_reducescatter_graph --tensor-parallel-size 2 $EP --all2all-backend allgather_reducescatter --cuda-graph
   run tp2_no_ep --tensor-parallel-size 2
+  run tp2_no_ep_graph --tensor-parallel-size 2 --cuda-graph
   ;;
 distil)
   # Instruct-Distil (dummy weights, 32 layers, 1024x1024, bf16, 8 steps): s/image with the VAE decode, peak memory
