@@ -4,6 +4,8 @@
 #   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 8 min)
 #   bash benchmarks/run_gpu_pipeline.sh profile   # the kernel-time breakdown, previous commit and this one (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
+#   bash benchmarks/run_gpu_pipeline.sh ab        # .ab_base's package vs this one, full size, CFG2 + EP2 all2all,
+#                                                 # in turn twice (about 5 min)
 # Carry .whl (the diffusers wheel, benchmarks/README.md) and, for "check", .ab_base (make_baseline_package.sh:
 # the previous commit's package, whose outputs this one must match). Logs and JSON go to $OUT.
 set -uo pipefail
@@ -74,6 +76,16 @@ distil)
   run dp2_ep2_all2all --data-parallel-size 2 $EP --all2all-backend all2all --num-prompts 2
   run u2_ep2_all2all --ulysses-degree 2 $EP --all2all-backend all2all
   run r2_ep2_all2all --ring-degree 2 $EP --all2all-backend all2all
+  ;;
+ab)
+  # Another commit's package (make_baseline_package.sh) against this one, side by side, base first then reversed.
+  FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50 --cfg-parallel-size 2 $EP --all2all-backend all2all"
+  for i in 1 2; do
+    for pkg in $([ $i = 1 ] && echo "omni_ep_base omni_ep" || echo "omni_ep omni_ep_base"); do
+      echo "== $pkg ($i)"
+      $T2 $FULL --package $pkg --json "$S/ab_${pkg}_$i.json" 2>&1 | tee -a "$FULL_LOG" | tail -1
+    done
+  done
   ;;
 profile)
   # The steady state: cached steps 3..11 (before: the previous commit's package, .ab_base).

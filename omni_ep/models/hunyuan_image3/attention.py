@@ -210,8 +210,8 @@ def segmented_attention(
     prefix (or plain causal from token 0) needs no mask tensor, and GQA is native (K/V heads are not repeated).
     Returns [B, S, N, D].
 
-    The longest mask-free segment runs over ALL the queries and the other segments overwrite their rows of its
-    output: no concatenation, and with q a view of [B, S, N, D] memory (rope_qk_norm's) the result is
+    The widest mask-free segment (most query rows) runs over ALL the queries and the other segments overwrite their
+    rows of its output: no concatenation, and with q a view of [B, S, N, D] memory (rope_qk_norm's) the result is
     contiguous. A query row's softmax does not depend on the other rows of the call."""
     S_kv, q_offset = k_BKSD.shape[2], k_BKSD.shape[2] - q_BNSD.shape[2]
     if segments[0].q_start != q_offset or segments[-1].q_end != S_kv:

@@ -14,7 +14,7 @@ rows they occupy on the wire.
 A rank's own block never goes through the collective: dispatch writes it straight behind the blocks it receives,
 so the experts read [received blocks (other ranks in rank order) | own block] as one tensor, and the combine
 takes the own block's partial rows from the experts' output. Block positions: the other ranks in rank order,
-then this rank (``position``).
+then this rank (``_positions``).
 
 Shape legend: T tokens on this rank, R = EP size, B = C + 1 rows per block, K top-k, H hidden.
 """
