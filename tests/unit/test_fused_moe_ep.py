@@ -75,16 +75,17 @@ def ep_worker(rank, world_size):
                 cfg = ParallelConfig(enable_expert_parallel=True, all2all_backend=backend, expert_placement=placement, **kw)
                 state = init_parallel_state(cfg)
                 data_rank = rank // cfg.tensor_parallel_size  # TP peers hold the same tokens
-                # Linear placement: token counts asked from the ranks. Round robin: the token bound known from
-                # the forward context.
+                # Linear placement: token counts asked from the ranks, router logits of every token. Round robin:
+                # the token bound known from the forward context, logits of the rows this rank routes only.
                 known_bound = placement == "round_robin"
                 for case, top_k in CASES:
                     layer = FusedMoE(E, top_k, H, I, params_dtype=torch.float32)
                     load_layer(layer)
                     x, logits = tokens(case, data_rank, top_k)
                     bound = max(tokens(case, d, top_k)[0].shape[0] for d in range(world_size // cfg.tensor_parallel_size))
+                    start, end = layer.routed_rows(x.shape[0]) if known_bound else (0, x.shape[0])
                     with set_forward_context(max_tokens_across_ep=bound if known_bound else None):
-                        out = layer(x, logits)
+                        out = layer(x, logits[start:end])
                     ref = reference(x, logits, top_k)
                     err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.shape[0] else 0.0
                     assert out.shape == x.shape, (kw, backend, case)
@@ -95,6 +96,10 @@ def ep_worker(rank, world_size):
                 total = E * (2 * I * H + H * I) * 4
                 assert expert_bytes * state.config.expert_parallel_size == total
                 assert layer.local_num_experts == E // world_size
+                # Logits of neither every token nor the routed rows: refused on every rank before any collective.
+                x, logits = tokens("random", data_rank, 2)
+                with pytest.raises(ValueError, match="routed_rows"):
+                    layer(x, torch.cat([logits, logits[:1]]))  # T + 1 rows
                 destroy_parallel_state()
     errors = {kind: bad_config_error(world_size, kind) for kind in BAD_CONFIGS[world_size]}
     return report, errors

@@ -120,25 +120,38 @@ class FusedMoE(nn.Module):
         raise RuntimeError(f"no local-experts backend runs on {device} with {dtype}: {'; '.join(reasons)}")
 
     # ---- forward ---------------------------------------------------------------------------------------
+    def routed_rows(self, num_tokens: int) -> tuple[int, int]:
+        """The rows [start, end) of a [num_tokens, H] input that this rank routes: its TP chunk under expert
+        parallel (TP ranks hold the same tokens and split them), all of them otherwise. A caller may compute the
+        router logits of these rows only."""
+        return row_chunk(num_tokens, self.tp_rank, self.tp_size) if self.use_ep else (0, num_tokens)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         router_logits: torch.Tensor,
         shared_experts: nn.Module | None = None,
     ) -> torch.Tensor:
-        """hidden_states [T, H] (or [..., H]), router_logits [T, E] -> [T, H] (the input's shape): the routed
-        experts plus ``shared_experts(hidden_states)`` when given, complete over the TP group."""
+        """hidden_states [T, H] (or [..., H]), router_logits [T, E] or only the routed rows' [end - start, E]
+        (``routed_rows``) -> [T, H] (the input's shape): the routed experts plus ``shared_experts(hidden_states)``
+        when given, complete over the TP group."""
         shape = hidden_states.shape
         x_TH = hidden_states.reshape(-1, self.hidden_size)
         logits_TE = router_logits.reshape(-1, self.num_experts)
         T = x_TH.shape[0]
-        if logits_TE.shape[0] != T:
-            raise ValueError(f"router_logits has {logits_TE.shape[0]} rows but hidden_states has {T} tokens")
-        start, end = row_chunk(T, self.tp_rank, self.tp_size)  # this TP rank's own tokens
+        start, end = self.routed_rows(T)
+        if logits_TE.shape[0] == T:
+            logits_TE = logits_TE[start:end]
+        elif logits_TE.shape[0] != end - start:
+            raise ValueError(
+                f"router_logits has {logits_TE.shape[0]} rows; want {T} (every token) or {end - start} (the rows "
+                "this rank routes, routed_rows)"
+            )
         if self.use_ep:
-            out_CH = self._routed(x_TH[start:end], logits_TE[start:end], x_TH[start:end], shared_experts)
+            out_CH = self._routed(x_TH[start:end], logits_TE, x_TH[start:end], shared_experts)
             out_TH = self.tp_group.all_gather_row_chunks(out_CH, T)
         else:
+            start, end = row_chunk(T, self.tp_rank, self.tp_size)  # this TP rank's share of the shared experts
             out_TH = self._routed(x_TH, logits_TE, x_TH[start:end], shared_experts, shared_rows=(start, end))
             out_TH = self.tp_group.all_reduce(out_TH)
         return out_TH.reshape(shape)

@@ -105,5 +105,6 @@ class HunyuanImage3MoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x_TH = hidden_states.reshape(-1, shape[-1])
-        router_logits_TE = self.gate(x_TH)
-        return self.experts(x_TH, router_logits_TE, shared_experts=self.shared_mlp).reshape(shape)
+        start, end = self.experts.routed_rows(x_TH.shape[0])  # under TP x EP each TP rank routes its chunk
+        router_logits_CE = self.gate(x_TH[start:end])
+        return self.experts(x_TH, router_logits_CE, shared_experts=self.shared_mlp).reshape(shape)
