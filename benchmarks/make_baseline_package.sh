@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The experts as they were before the kernel pruning (main at 4f8aa63), importable beside today's package as
-# omni_ep_base, for bench_moe.py --mode ab. Writes .ab_base/omni_ep_base (git-ignored); needs git and the commit.
+# A commit's (or branch's) omni_ep, importable beside today's package as omni_ep_base, for A/Bs and output
+# comparisons (bench_moe.py --mode ab; run_gpu_pipeline.sh check, ab, profile). Default: 4f8aa63, the experts before
+# the kernel pruning. Writes .ab_base/omni_ep_base (git-ignored); needs git and the commit.
 #   bash benchmarks/make_baseline_package.sh [COMMIT]     then carry .ab_base to the device
 set -euo pipefail
 cd "$(dirname "$0")/.."
