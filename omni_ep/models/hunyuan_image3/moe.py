@@ -3,14 +3,15 @@
 Shape legend: T tokens, H hidden size, E experts, I intermediate size.
 
     shared = down(up(x) * silu(gate(x)))              # always on; gate_and_up_proj stored [up; gate]
-    logits = x.float() @ wg.T                          # fp32 router, replicated on every rank
+    logits = x.float() @ wg.T                          # fp32 router, weights replicated on every rank
     w, idx = topk(softmax(logits)), renormalised       # inside FusedMoE
     out    = shared + sum_k w_k * Expert_{idx_k}(x)
 
 The routed experts are a ``FusedMoE`` (the subclass the platform names for the op "hunyuan_fused_moe":
 ``CudaFusedMoE`` with the Triton experts, ``AscendFusedMoE``, or ``FusedMoE`` itself on CPU). It also runs the
 shared MLP, whose weights are replicated, on each TP rank's own chunk of the (TP-identical) tokens while routed
-tokens are in flight, and owns the one TP collective that completes both terms.
+tokens are in flight, and owns the one TP collective that completes both terms. Under expert parallel each TP
+rank also routes only its chunk (``FusedMoE.routed_rows``), so the router runs on that chunk alone.
 """
 
 from __future__ import annotations
