@@ -188,7 +188,9 @@ def main() -> None:
                       + ", ".join(f"{x:.1f}" for x in psnrs) + " dB")
             for c in comparison:
                 if args.rtol is not None and not c["latents_rel_err"] <= args.rtol:
-                    raise SystemExit(f"latents differ from {c['reference']}: {c['latents_rel_err']:.2e} > {args.rtol:.0e}")
+                    raise SystemExit(
+                        f"latents differ from {c['reference']}: {c['latents_rel_err']:.2e} > {args.rtol:.0e}"
+                    )
 
     if state.rank == 0:
         meta = run_meta(args, pipe, load_s) | dict(steps=args.steps)

@@ -385,7 +385,9 @@ def test_fused_op_matches_model(case_results, mode, case):
 
 @pytest.mark.timeout(60)
 def test_bad_arguments_raise():
-    from omni_ep.layers.fused_ops import add_rms_norm, gather_sum, rms_norm, rope_qk_norm, router_topk, scatter_rows, swiglu
+    from omni_ep.layers.fused_ops import (
+        add_rms_norm, gather_sum, rms_norm, rope_qk_norm, router_topk, scatter_rows, swiglu,
+    )
 
     x = torch.zeros(3, 8)
     with pytest.raises(ValueError, match="weight"):

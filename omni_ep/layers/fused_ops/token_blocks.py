@@ -46,10 +46,12 @@ def _token_blocks_kernel(
     token_tile = tokens_ptr + tokens[:, None] * stride_tokens + cols[None, :]
     if GATHER_SUM:
         row = tl.load(rows_ptr + tokens * stride_rows, mask=token_ok, other=0)
-        acc = tl.load(blocks_ptr + row[:, None] * stride_blocks + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc = tl.load(blocks_ptr + row[:, None] * stride_blocks + cols[None, :], mask=mask, other=0.0)
+        acc = acc.to(tl.float32)
         for r in tl.static_range(1, R):
             row = tl.load(rows_ptr + tokens * stride_rows + r, mask=token_ok, other=0)
-            acc += tl.load(blocks_ptr + row[:, None] * stride_blocks + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            block_tile = tl.load(blocks_ptr + row[:, None] * stride_blocks + cols[None, :], mask=mask, other=0.0)
+            acc += block_tile.to(tl.float32)
         tl.store(token_tile, acc.to(tokens_ptr.dtype.element_ty), mask=mask)
     else:
         x = tl.load(token_tile, mask=mask, other=0.0)

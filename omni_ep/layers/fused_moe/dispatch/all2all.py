@@ -45,7 +45,8 @@ class AllToAllDispatcher(Dispatcher):
         """int64 [R]: the block position of each rank, the other ranks in rank order and then this one."""
         if device not in self._positions_on:
             R, me = self.ep_group.world_size, self.ep_group.rank
-            self._positions_on[device] = torch.tensor([r - (r > me) if r != me else R - 1 for r in range(R)], device=device)
+            positions = [r - (r > me) if r != me else R - 1 for r in range(R)]
+            self._positions_on[device] = torch.tensor(positions, device=device)
         return self._positions_on[device]
 
     def _splits(self, B: int) -> list[int]:
