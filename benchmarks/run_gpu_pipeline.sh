@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Device calls for the whole pipeline on two H200s (nvidia-h200-x2), one stage per call:
-#   bash benchmarks/run_gpu_pipeline.sh check     # exactness and agreement (about 7 min)
+#   bash benchmarks/run_gpu_pipeline.sh check     # exactness and agreement (tiny part about 3 min; real width untimed)
 #   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 8 min)
 #   bash benchmarks/run_gpu_pipeline.sh profile   # the kernel-time breakdown, previous commit and this one (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh ab        # .ab_base's package vs this one, full size, CFG2 + EP2 all2all,
 #                                                 # in turn twice (about 5 min)
-# Carry .whl (the diffusers wheel, benchmarks/README.md) and, for "check", .ab_base (make_baseline_package.sh:
-# the previous commit's package, whose outputs this one must match). Logs and JSON go to $OUT.
+# Carry .whl (the diffusers wheel, benchmarks/README.md) and, for "check", "ab" and "profile", .ab_base
+# (make_baseline_package.sh: another commit's package; "check" wants the previous one, whose outputs this one must
+# match). Logs and JSON go to $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD:$PWD/.ab_base PYTHONUNBUFFERED=1
