@@ -151,8 +151,9 @@ class FusedMoE(nn.Module):
             out_CH = self._routed(x_TH[start:end], logits_TE, x_TH[start:end], shared_experts)
             out_TH = self.tp_group.all_gather_row_chunks(out_CH, T)
         else:
-            start, end = row_chunk(T, self.tp_rank, self.tp_size)  # this TP rank's share of the shared experts
-            out_TH = self._routed(x_TH, logits_TE, x_TH[start:end], shared_experts, shared_rows=(start, end))
+            shared_rows = row_chunk(T, self.tp_rank, self.tp_size)  # this TP rank's share of the shared experts
+            x_shared = x_TH[shared_rows[0] : shared_rows[1]]
+            out_TH = self._routed(x_TH, logits_TE, x_shared, shared_experts, shared_rows=shared_rows)
             out_TH = self.tp_group.all_reduce(out_TH)
         return out_TH.reshape(shape)
 

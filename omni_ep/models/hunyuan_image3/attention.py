@@ -222,8 +222,8 @@ def segmented_attention(
         whole = AttentionSegment(q_offset, S_kv, widest.kv_end, False)
         out_BNSD = _segment_attention(q_BNSD, k_BKSD, v_BKSD, whole, q_offset)
     else:
-        B, N, S, D = q_BNSD.shape[0], q_BNSD.shape[1], q_BNSD.shape[2], v_BKSD.shape[3]
-        out_BNSD = q_BNSD.new_empty(B, S, N, D).transpose(1, 2)
+        B, N, S, _ = q_BNSD.shape
+        out_BNSD = q_BNSD.new_empty(B, S, N, v_BKSD.shape[3]).transpose(1, 2)
     for seg in segments:
         if seg is not widest:
             out_BNSD[:, :, seg.q_start - q_offset : seg.q_end - q_offset] = _segment_attention(
