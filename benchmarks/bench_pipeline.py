@@ -46,6 +46,9 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
                    help="tiny / real-dummy: which released checkpoint's layout (Instruct-Distil: guidance_emb, "
                         "timestep_r_emb, one row per prompt)")
     p.add_argument("--num-experts", type=int, default=64, help="real-dummy: experts per layer")
+    p.add_argument("--image-base-size", type=int, default=1024,
+                   help="real-dummy: the config's image_base_size, whose buckets --height / --width snap to (512 "
+                        "for cheap real-width checks; the released models use 1024)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--guidance-scale", type=float, default=5.0)
@@ -62,7 +65,7 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
 
 
 def make_model_dir(pkg: str, kind: str, layers: int, num_experts: int, directory: str,
-                   variant: str = "base") -> tuple[str, str]:
+                   variant: str = "base", image_base_size: int = 1024) -> tuple[str, str]:
     """(checkpoint folder, load_format) for "tiny" or "real-dummy" (real config.json, fewer layers), in the layout
     of ``variant`` (the Instruct ones need a package that knows them)."""
     tiny = importlib.import_module(f"{pkg}.models.hunyuan_image3.make_tiny_checkpoint")
@@ -76,7 +79,8 @@ def make_model_dir(pkg: str, kind: str, layers: int, num_experts: int, directory
                                               use_meanflow=variant == "instruct-distil",
                                               model_version="HunyuanImage-3.0-Instruct")
     config = config_cls(num_hidden_layers=layers, num_experts=num_experts, moe_topk=[8] * layers,
-                        moe_intermediate_size=[3072] * layers, num_shared_expert=[1] * layers, **flags)
+                        moe_intermediate_size=[3072] * layers, num_shared_expert=[1] * layers,
+                        image_base_size=image_base_size, **flags)
     tokenization = importlib.import_module(f"{pkg}.models.hunyuan_image3.tokenization")
     tokenization.write_tiny_tokenizer(directory, **({} if variant == "base" else dict(instruct=True)))
     config.to_json_file(os.path.join(directory, "config.json"))
@@ -96,7 +100,7 @@ def load_pipeline(args):
     path = load_format = None
     if state.rank == 0:
         path, load_format = make_model_dir(args.package, args.model, args.layers, args.num_experts, tempfile.mkdtemp(),
-                                           args.variant)
+                                           args.variant, args.image_base_size)
     path, load_format = world.all_gather_object((path, load_format))[0]
     pipelines = importlib.import_module(f"{args.package}.pipelines")
     t0 = time.perf_counter()

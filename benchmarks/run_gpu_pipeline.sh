@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Device calls for the whole pipeline on two H200s (nvidia-h200-x2), one stage per call:
-#   bash benchmarks/run_gpu_pipeline.sh check     # exactness and agreement (tiny part about 3 min; real width untimed)
-#   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 8 min)
+#   bash benchmarks/run_gpu_pipeline.sh check     # exactness: tiny checkpoint, fp32 (about 3 min)
+#   bash benchmarks/run_gpu_pipeline.sh agreement # real width, 4 layers: fp32 EP2 vs 1 GPU, bf16 vs fp32 and vs .ab_base
+#   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 6 min)
 #   bash benchmarks/run_gpu_pipeline.sh profile   # the kernel-time breakdown, previous commit and this one (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh ab        # .ab_base's package vs this one, full size, CFG2 + EP2 all2all,
 #                                                 # in turn twice (about 5 min)
-# Carry .whl (the diffusers wheel, benchmarks/README.md) and, for "check", "ab" and "profile", .ab_base
-# (make_baseline_package.sh: another commit's package; "check" wants the previous one, whose outputs this one must
-# match). Logs and JSON go to $OUT.
+# Carry .whl (the diffusers wheel, benchmarks/README.md) and, for "check", "agreement", "ab" and "profile", .ab_base
+# (make_baseline_package.sh: another commit's package; "check" and "agreement" want the previous one, whose outputs
+# this one must match). Logs and JSON go to $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD:$PWD/.ab_base PYTHONUNBUFFERED=1
@@ -37,34 +38,38 @@ check)
                 "--ulysses-degree 2 --all2all-backend all2all"; do
     $T2 $TINY $layout $EP --compare-output "$S/tiny_base.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
   done
-  unset NVIDIA_TF32_OVERRIDE
-  # Real width, 4 layers (fp32 fits one GPU): fp32 one GPU (TF32 off) as the reference of the fp32 EP2 layouts and
-  # of bf16 on one GPU (the bf16 floor); then bf16 CFG2 + EP2 vs the previous commit's on two GPUs and vs one GPU.
-  # At 1024x1024 and 20 steps the fp32 run alone took 5 minutes; 512x512 and 10 steps keep the stage in one call.
-  R4="--model real-dummy --layers 4 --height 512 --width 512 --steps 10 --no-timing"
-  NVIDIA_TF32_OVERRIDE=0 $B $R4 --dtype float32 --save-output "$S/real4_fp32.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
-  # fp32 at real width, the Triton experts included: EP2 layouts vs one GPU (limit 1e-4).
-  for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--tensor-parallel-size 2 --all2all-backend allgather_reducescatter"; do
-    NVIDIA_TF32_OVERRIDE=0 $T2 $R4 --dtype float32 $layout $EP --compare-output "$S/real4_fp32.pt" --rtol 1e-4 2>&1 \
-      | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
-  done
-  $B $R4 --save-output "$S/real4_1gpu.pt" --compare-output "$S/real4_fp32.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
+  ;;
+agreement)
+  # Real width, 4 layers, bf16 first: one GPU; CFG2 + EP2 vs the previous commit's on two GPUs and vs one GPU;
+  # ulysses 2 + EP2 vs one GPU. Then fp32 (TF32 off; fits one GPU): one GPU as the reference of the fp32 EP2 layouts
+  # (limit 1e-4, the Triton experts included) and of bf16 on one GPU (the bf16 floor). 512x512 (image_base_size 512:
+  # the released 1024 snaps every size to its 1024-pixel buckets) and 10 steps: at 1024x1024 the fp32 one-GPU run
+  # alone outlasted a call.
+  R4="--model real-dummy --layers 4 --image-base-size 512 --height 512 --width 512 --steps 10 --no-timing"
   CFG2="--cfg-parallel-size 2 $EP --all2all-backend all2all"
+  $B $R4 --save-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1; echo "[${SECONDS} s]"
   $T2 --package omni_ep_base $R4 $CFG2 --save-output "$S/real4_cfg2_base.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
   $T2 $R4 $CFG2 --compare-output "$S/real4_cfg2_base.pt" "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
   $T2 $R4 --ulysses-degree 2 $EP --all2all-backend all2all --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
+  echo "[${SECONDS} s]"
+  export NVIDIA_TF32_OVERRIDE=0
+  $B $R4 --dtype float32 --save-output "$S/real4_fp32.pt" --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
+  echo "[${SECONDS} s]"
+  for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--tensor-parallel-size 2 --all2all-backend allgather_reducescatter"; do
+    $T2 $R4 --dtype float32 $layout $EP --compare-output "$S/real4_fp32.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
+  done
+  echo "[${SECONDS} s]"
   ;;
 layouts)
-  # Eager and with the cached steps replayed as a CUDA graph.
+  # CFG2 + EP2 eager (the CUDA graph gains nothing there: 11.96 vs 11.93 s in commit 69ef6bf's run), TP2 + EP2 with
+  # the cached steps replayed as a CUDA graph, TP2 without EP eager (graph: 13.71 vs 13.66 s).
   FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"
   run() { name=$1; shift; echo "== $name"; $T2 $FULL "$@" --json "$S/pipeline_2xh200_$name.json" 2>&1 | tee -a "$FULL_LOG" | tail -3; }
   run cfg2_ep2_all2all --cfg-parallel-size 2 $EP --all2all-backend all2all
-  run cfg2_ep2_all2all_graph --cfg-parallel-size 2 $EP --all2all-backend all2all --cuda-graph
   run cfg2_ep2_allgather_reducescatter_graph --cfg-parallel-size 2 $EP --all2all-backend allgather_reducescatter --cuda-graph
   run tp2_ep2_all2all_graph --tensor-parallel-size 2 $EP --all2all-backend all2all --cuda-graph
   run tp2_ep2_allgather_reducescatter_graph --tensor-parallel-size 2 $EP --all2all-backend allgather_reducescatter --cuda-graph
   run tp2_no_ep --tensor-parallel-size 2
-  run tp2_no_ep_graph --tensor-parallel-size 2 --cuda-graph
   ;;
 distil)
   # Instruct-Distil (dummy weights, 32 layers, 1024x1024, bf16, 8 steps): s/image with the VAE decode, peak memory
