@@ -179,6 +179,25 @@ def test_vae_decoder_loads_from_its_prefix():
     assert frames.shape == (1, 3, 4, 32, 32)
 
 
+def test_dummy_vae_decoder_is_drawn_by_name(tmp_path):
+    """Dummy decoder weights are a function of (seed, name), not of the process's RNG state: with seed 0 they are
+    the tiny checkpoint's own (drawn the same way, stored in bf16), read from no file."""
+    shutil.copy(os.path.join(tiny_checkpoint_path(), "config.json"), tmp_path / "config.json")
+    stored = load_vae_decoder(tiny_checkpoint_path()).state_dict()
+    torch.manual_seed(123)
+    dummy = load_vae_decoder(tmp_path, load_format="dummy")
+    torch.rand(1000)
+    again = load_vae_decoder(tmp_path, load_format="dummy").state_dict()
+    other = load_vae_decoder(tmp_path, load_format="dummy", seed=1).state_dict()
+    assert dummy.load_stats.bytes_read == 0
+    for name, value in dummy.state_dict().items():
+        torch.testing.assert_close(value.bfloat16().float(), stored[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(again[name], value, rtol=0, atol=0, msg=name)
+    assert not torch.equal(other["conv_in.weight"], stored["conv_in.weight"])
+    with pytest.raises(ValueError, match="load_format"):
+        load_vae_decoder(tmp_path, load_format="pt")
+
+
 # ---- broken checkpoints ---------------------------------------------------------------------------------
 def _file_of(path, name):
     with open(os.path.join(path, "model.safetensors.index.json")) as f:

@@ -170,12 +170,7 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         vae_dtype = vae_dtype or vae_dtype_for(device, torch_dtype)
         start = time.perf_counter()
         transformer = load_transformer(path, dtype=torch_dtype, device=device, load_format=load_format)
-        if load_format == "dummy":
-            from omni_ep.models.hunyuan_image3.vae import HunyuanVAEDecoder
-
-            vae = HunyuanVAEDecoder.from_vae_config(transformer.config.vae.to_dict()).to(device, vae_dtype).eval()
-        else:
-            vae = load_vae_decoder(path, dtype=vae_dtype, device=device)
+        vae = load_vae_decoder(path, dtype=vae_dtype, device=device, load_format=load_format)
         stats = transformer.load_stats
         logger.debug("loaded %s in %.1f s: read %.1f MB (%.1f MB of experts) for the transformer", path,
                      time.perf_counter() - start, stats.bytes_read / 1e6, stats.expert_bytes_read / 1e6)
