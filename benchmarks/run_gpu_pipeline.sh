@@ -3,10 +3,12 @@
 #   bash benchmarks/run_gpu_pipeline.sh check     # exactness: tiny checkpoint, fp32 (about 3 min)
 #   bash benchmarks/run_gpu_pipeline.sh agreement # real width, 4 layers: fp32 EP2 vs 1 GPU, bf16 vs fp32 and vs .ab_base
 #   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 6 min)
-#   bash benchmarks/run_gpu_pipeline.sh profile   # the kernel-time breakdown, previous commit and this one (about 4 min)
+#   bash benchmarks/run_gpu_pipeline.sh profile [NAME LAYOUT...]   # the kernel-time breakdown, .ab_base's
+#                                                 # package and this one (about 4 min); default NAME cfg2_ep2_all2all
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
-#   bash benchmarks/run_gpu_pipeline.sh ab        # .ab_base's package vs this one, full size, CFG2 + EP2 all2all,
-#                                                 # in turn twice (about 5 min)
+#   bash benchmarks/run_gpu_pipeline.sh ab [LAYOUT...]   # .ab_base's package vs this one, full size, in turn
+#                                                 # twice (about 5 min); LAYOUT: bench_pipeline's layout flags
+#                                                 # (default CFG2 + EP2 all2all)
 # Carry .whl (the diffusers wheel, benchmarks/README.md) and, for "check", "agreement", "ab" and "profile", .ab_base
 # (make_baseline_package.sh: another commit's package; "check" and "agreement" want the previous one, whose outputs
 # this one must match). Logs and JSON go to $OUT.
@@ -27,6 +29,7 @@ EP="--enable-expert-parallel"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
+CFG2_EP2="--cfg-parallel-size 2 $EP --all2all-backend all2all"
 case "${1:-check}" in
 check)
   # fp32, TF32 off, tiny checkpoint: the previous commit on one GPU, this one on one and two GPUs (limit 1e-4).
@@ -46,10 +49,9 @@ agreement)
   # the released 1024 snaps every size to its 1024-pixel buckets) and 10 steps: at 1024x1024 the fp32 one-GPU run
   # alone outlasted a call.
   R4="--model real-dummy --layers 4 --image-base-size 512 --height 512 --width 512 --steps 10 --no-timing"
-  CFG2="--cfg-parallel-size 2 $EP --all2all-backend all2all"
   $B $R4 --save-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1; echo "[${SECONDS} s]"
-  $T2 --package omni_ep_base $R4 $CFG2 --save-output "$S/real4_cfg2_base.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
-  $T2 $R4 $CFG2 --compare-output "$S/real4_cfg2_base.pt" "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
+  $T2 --package omni_ep_base $R4 $CFG2_EP2 --save-output "$S/real4_cfg2_base.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
+  $T2 $R4 $CFG2_EP2 --compare-output "$S/real4_cfg2_base.pt" "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
   $T2 $R4 --ulysses-degree 2 $EP --all2all-backend all2all --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
   echo "[${SECONDS} s]"
   export NVIDIA_TF32_OVERRIDE=0
@@ -85,7 +87,8 @@ distil)
   ;;
 ab)
   # Another commit's package (make_baseline_package.sh) against this one, side by side, base first then reversed.
-  FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50 --cfg-parallel-size 2 $EP --all2all-backend all2all"
+  LAYOUT="${*:2}"
+  FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50 ${LAYOUT:-$CFG2_EP2}"
   for i in 1 2; do
     for pkg in $([ $i = 1 ] && echo "omni_ep_base omni_ep" || echo "omni_ep omni_ep_base"); do
       echo "== $pkg ($i)"
@@ -94,10 +97,12 @@ ab)
   done
   ;;
 profile)
-  # The steady state: cached steps 3..11 (before: the previous commit's package, .ab_base).
+  # The steady state: cached steps 3..11 (before: the previous commit's package, .ab_base), of the layout NAME
+  # (flags LAYOUT, e.g. "tp2_ep2_all2all --tensor-parallel-size 2 --enable-expert-parallel --all2all-backend all2all").
+  NAME=${2:-cfg2_ep2_all2all}; LAYOUT="${*:3}"
   P="timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py --model real-dummy --layers 32 --height 1024
-     --width 1024 --steps 12 --from-step 3 --cfg-parallel-size 2 $EP --all2all-backend ${2:-all2all}"
-  $P --package omni_ep_base --json "$S/profile_2xh200_cfg2_ep2_before.json" 2>&1 | tee -a "$FULL_LOG" | tail -20
-  $P --json "$S/profile_2xh200_cfg2_ep2_all2all.json" 2>&1 | tee -a "$FULL_LOG" | tail -20
+     --width 1024 --steps 12 --from-step 3 ${LAYOUT:-$CFG2_EP2}"
+  $P --package omni_ep_base --json "$S/profile_2xh200_${NAME}_before.json" 2>&1 | tee -a "$FULL_LOG" | tail -20
+  $P --json "$S/profile_2xh200_${NAME}.json" 2>&1 | tee -a "$FULL_LOG" | tail -20
   ;;
 esac
