@@ -46,9 +46,9 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
                    help="tiny / real-dummy: which released checkpoint's layout (Instruct-Distil: guidance_emb, "
                         "timestep_r_emb, one row per prompt)")
     p.add_argument("--num-experts", type=int, default=64, help="real-dummy: experts per layer")
-    p.add_argument("--image-base-size", type=int, default=1024,
-                   help="real-dummy: the config's image_base_size, whose buckets --height / --width snap to (512 "
-                        "for cheap real-width checks; the released models use 1024)")
+    p.add_argument("--image-base-size", type=int, default=None, choices=(256, 512, 1024),
+                   help="real-dummy: the config's image_base_size, whose buckets --height / --width snap to (default "
+                        "1024, the released models'; 512 for cheap real-width checks)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--guidance-scale", type=float, default=5.0)
@@ -89,6 +89,8 @@ def make_model_dir(pkg: str, kind: str, layers: int, num_experts: int, directory
 
 def load_pipeline(args):
     """(pipeline, parallel state, world group, load seconds) of --package with the layout of args."""
+    if args.image_base_size is not None and args.model != "real-dummy":
+        raise SystemExit(f"--image-base-size applies to --model real-dummy only; {args.model!r} has its config's")
     pkg = importlib.import_module(args.package)
     dist = importlib.import_module(f"{args.package}.distributed")
     config = pkg.ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, ulysses_degree=args.ulysses_degree,
@@ -100,7 +102,7 @@ def load_pipeline(args):
     path = load_format = None
     if state.rank == 0:
         path, load_format = make_model_dir(args.package, args.model, args.layers, args.num_experts, tempfile.mkdtemp(),
-                                           args.variant, args.image_base_size)
+                                           args.variant, args.image_base_size or 1024)
     path, load_format = world.all_gather_object((path, load_format))[0]
     pipelines = importlib.import_module(f"{args.package}.pipelines")
     t0 = time.perf_counter()

@@ -50,6 +50,7 @@ agreement)
   # alone outlasted a call.
   R4="--model real-dummy --layers 4 --image-base-size 512 --height 512 --width 512 --steps 10 --no-timing"
   $B $R4 --save-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1; echo "[${SECONDS} s]"
+  # (.ab_base older than the dummy VAE drawn per name, commit 8e9f01d: only the latents compare, not the images.)
   $T2 --package omni_ep_base $R4 $CFG2_EP2 --save-output "$S/real4_cfg2_base.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
   $T2 $R4 $CFG2_EP2 --compare-output "$S/real4_cfg2_base.pt" "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
   $T2 $R4 --ulysses-degree 2 $EP --all2all-backend all2all --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
@@ -100,6 +101,7 @@ profile)
   # The steady state: cached steps 3..11 (before: the previous commit's package, .ab_base), of the layout NAME
   # (flags LAYOUT, e.g. "tp2_ep2_all2all --tensor-parallel-size 2 --enable-expert-parallel --all2all-backend all2all").
   NAME=${2:-cfg2_ep2_all2all}; LAYOUT="${*:3}"
+  if [ -n "${2:-}" ] && [ -z "$LAYOUT" ]; then echo "profile $NAME: give its layout flags after the name" >&2; exit 2; fi
   P="timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py --model real-dummy --layers 32 --height 1024
      --width 1024 --steps 12 --from-step 3 ${LAYOUT:-$CFG2_EP2}"
   $P --package omni_ep_base --json "$S/profile_2xh200_${NAME}_before.json" 2>&1 | tee -a "$FULL_LOG" | tail -20
