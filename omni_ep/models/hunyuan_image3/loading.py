@@ -472,21 +472,25 @@ def load_vae_decoder(
 ) -> HunyuanVAEDecoder:
     """The VAE decoder from the ``vae.decoder.*`` tensors of the checkpoint (strict on names and shapes).
 
-    load_format "dummy": random weights drawn per tensor name as the tiny checkpoint draws them (``tiny_tensor``:
-    a function of (seed, name)), nothing read; every process holds the same decoder, so images of runs with
-    dummy weights can be compared (torch's default init would draw from each process's RNG state)."""
+    load_format "dummy": random weights drawn on ``device`` per tensor name as the tiny checkpoint draws them
+    (``tiny_tensor``: a function of (seed, name); on the CPU the checkpoint's very values), nothing read; every
+    process holds the same decoder, so images of runs with dummy weights can be compared (torch's default init
+    would draw from each process's RNG state)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     config = HunyuanImage3Config.from_pretrained(path)
-    decoder = HunyuanVAEDecoder.from_vae_config(config.vae.to_dict())
     if load_format == "dummy":
         from omni_ep.models.hunyuan_image3.make_tiny_checkpoint import tiny_tensor
 
-        state = {key: tiny_tensor(f"vae.decoder.{key}", tuple(value.shape), seed)
-                 for key, value in decoder.state_dict().items()}
-        decoder.load_state_dict(state)
+        with torch.device("meta"):  # no default init: every value is drawn below
+            decoder = HunyuanVAEDecoder.from_vae_config(config.vae.to_dict())
+        decoder = decoder.to_empty(device=device)
+        with torch.no_grad():
+            for key, value in decoder.state_dict().items():
+                value.copy_(tiny_tensor(f"vae.decoder.{key}", tuple(value.shape), seed, device=device))
         decoder.load_stats = LoadStats()
-        return decoder.to(device=device, dtype=dtype).eval()
+        return decoder.to(dtype=dtype).eval()
+    decoder = HunyuanVAEDecoder.from_vae_config(config.vae.to_dict())
     checkpoint = SafetensorsCheckpoint(path)
     prefix = "vae.decoder."
     state = decoder.state_dict()

@@ -151,10 +151,11 @@ def is_norm_weight(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 1 and is_norm and name.endswith("weight")
 
 
-def tiny_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Deterministic values for one tensor: norms near 1, biases small, weights ~ N(0, 1/fan_in)."""
-    generator = torch.Generator().manual_seed(tensor_seed(name, seed))
-    values = torch.randn(shape, generator=generator)
+def tiny_tensor(name: str, shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Deterministic values for one tensor: norms near 1, biases small, weights ~ N(0, 1/fan_in); drawn on
+    ``device`` (each device type has its own random stream: CPU draws are the checkpoint's)."""
+    generator = torch.Generator(device=device).manual_seed(tensor_seed(name, seed))
+    values = torch.randn(shape, generator=generator, device=device)
     if is_norm_weight(name, shape):
         return 1.0 + 0.1 * values
     if len(shape) == 1:
