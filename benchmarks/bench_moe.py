@@ -363,7 +363,7 @@ def ab_main(args) -> int:
         rows.append(row)
         print(ab_table([row]).splitlines()[-1], flush=True)
         torch.cuda.empty_cache()
-    meta = {**run_meta(), "baseline": (args.baseline / "COMMIT").read_text().strip()}
+    meta = {**run_meta(), "baseline": (args.baseline / "omni_ep_base.COMMIT").read_text().strip()}
     text = ab_table(rows)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}; baseline {meta['baseline']}\n{text}")
     if args.json:

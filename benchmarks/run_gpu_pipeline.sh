@@ -6,9 +6,9 @@
 #   bash benchmarks/run_gpu_pipeline.sh profile [NAME LAYOUT...]   # the kernel-time breakdown, .ab_base's
 #                                                 # package and this one (about 4 min); default NAME cfg2_ep2_all2all
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
-#   bash benchmarks/run_gpu_pipeline.sh ab [LAYOUT...]   # .ab_base's package vs this one, full size, in turn
-#                                                 # twice (about 5 min); LAYOUT: bench_pipeline's layout flags
-#                                                 # (default CFG2 + EP2 all2all)
+#   bash benchmarks/run_gpu_pipeline.sh ab [LAYOUT...]   # every package in .ab_base and this one, full size,
+#                                                 # in turn twice (about 2.5 min a package); LAYOUT:
+#                                                 # bench_pipeline's layout flags (default CFG2 + EP2 all2all)
 # Carry .whl (the diffusers wheel, benchmarks/README.md) and, for "check", "agreement", "ab" and "profile", .ab_base
 # (make_baseline_package.sh: another commit's package; "check" and "agreement" want the previous one, whose outputs
 # this one must match). Logs and JSON go to $OUT.
@@ -87,11 +87,14 @@ distil)
   run r2_ep2_all2all --ring-degree 2 $EP --all2all-backend all2all
   ;;
 ab)
-  # Another commit's package (make_baseline_package.sh) against this one, side by side, base first then reversed.
+  # Other commits' packages (make_baseline_package.sh COMMIT NAME, one per NAME) and this one, side by side: the
+  # bases then this one, then the reverse order.
   LAYOUT="${*:2}"
   FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50 ${LAYOUT:-$CFG2_EP2}"
+  BASES=$(cd .ab_base && ls -d omni_ep_*/ | tr -d /)
+  for pkg in $BASES; do echo "$pkg: $(cat .ab_base/$pkg.COMMIT)"; done
   for i in 1 2; do
-    for pkg in $([ $i = 1 ] && echo "omni_ep_base omni_ep" || echo "omni_ep omni_ep_base"); do
+    for pkg in $([ $i = 1 ] && echo $BASES omni_ep || echo omni_ep $(echo $BASES | tr ' ' '\n' | tac)); do
       echo "== $pkg ($i)"
       $T2 $FULL --package $pkg --json "$S/ab_${pkg}_$i.json" 2>&1 | tee -a "$FULL_LOG" | tail -1
     done
