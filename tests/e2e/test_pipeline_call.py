@@ -50,6 +50,17 @@ def test_cpu_defaults_fp32_weights_and_the_generation_config(pipe):
     assert (256, 256) in pipe.supported_sizes and len(pipe.supported_sizes) == 33
 
 
+def test_dummy_weights_read_no_file_and_are_the_same_in_every_process(tiny_checkpoint):
+    """load_format "dummy": nothing read; the decoder (like the transformer) drawn per tensor name, so another
+    process or RNG state holds the same one: here, on the CPU, the tiny checkpoint's own values."""
+    torch.manual_seed(7)
+    dummy = HunyuanImage3Pipeline.from_pretrained(tiny_checkpoint, load_format="dummy")
+    assert dummy.transformer.load_stats.bytes_read == 0 and dummy.vae.load_stats.bytes_read == 0
+    stored = HunyuanImage3Pipeline.from_pretrained(tiny_checkpoint).vae.state_dict()
+    for name, value in dummy.vae.state_dict().items():
+        torch.testing.assert_close(value.bfloat16().float(), stored[name], rtol=0, atol=0, msg=name)
+
+
 def test_every_call_argument(pipe, caplog):
     prompts = ["a cat", "a dog running through snow"]
     by_seed = latents_of(pipe, prompts, seed=7)
