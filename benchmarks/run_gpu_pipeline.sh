@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Device calls for the whole pipeline on two H200s (nvidia-h200-x2), one stage per call:
 #   bash benchmarks/run_gpu_pipeline.sh check     # exactness: tiny checkpoint, fp32 (about 3 min)
-#   bash benchmarks/run_gpu_pipeline.sh agreement # real width, 4 layers: fp32 EP2 vs 1 GPU, bf16 vs fp32 and vs .ab_base
+#   bash benchmarks/run_gpu_pipeline.sh agreement # real width, 4 layers, bf16: 2 GPUs vs 1 and vs .ab_base, and the
+#                                                 # bf16 floor (vs fp32 on 1 GPU) (about 7 min)
+#   bash benchmarks/run_gpu_pipeline.sh agreement_fp32  # real width, 4 layers, fp32: EP2 layouts vs 1 GPU (untimed)
 #   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 6 min)
 #   bash benchmarks/run_gpu_pipeline.sh profile [NAME LAYOUT...]   # the kernel-time breakdown, .ab_base's
 #                                                 # package and this one (about 4 min); default NAME cfg2_ep2_all2all
@@ -43,11 +45,9 @@ check)
   done
   ;;
 agreement)
-  # Real width, 4 layers, bf16 first: one GPU; CFG2 + EP2 vs the previous commit's on two GPUs and vs one GPU;
-  # ulysses 2 + EP2 vs one GPU. Then fp32 (TF32 off; fits one GPU): one GPU as the reference of the fp32 EP2 layouts
-  # (limit 1e-4, the Triton experts included) and of bf16 on one GPU (the bf16 floor). 512x512 (image_base_size 512:
-  # the released 1024 snaps every size to its 1024-pixel buckets) and 10 steps: at 1024x1024 the fp32 one-GPU run
-  # alone outlasted a call.
+  # Real width, 4 layers, bf16: one GPU; CFG2 + EP2 vs the previous commit's on two GPUs and vs one GPU; ulysses 2 +
+  # EP2 vs one GPU; then fp32 on one GPU (TF32 off) vs bf16 on one GPU: the bf16 floor. 512x512 (image_base_size
+  # 512: the released 1024 snaps every size to its 1024-pixel buckets) and 10 steps: the fp32 run alone took 258 s.
   R4="--model real-dummy --layers 4 --image-base-size 512 --height 512 --width 512 --steps 10 --no-timing"
   $B $R4 --save-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1; echo "[${SECONDS} s]"
   # (.ab_base older than the dummy VAE drawn per name, commit 8e9f01d: only the latents compare, not the images.)
@@ -55,13 +55,19 @@ agreement)
   $T2 $R4 $CFG2_EP2 --compare-output "$S/real4_cfg2_base.pt" "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
   $T2 $R4 --ulysses-degree 2 $EP --all2all-backend all2all --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
   echo "[${SECONDS} s]"
+  NVIDIA_TF32_OVERRIDE=0 $B $R4 --dtype float32 --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
+  echo "[${SECONDS} s]"
+  ;;
+agreement_fp32)
+  # Real width, 4 layers, fp32 (TF32 off; fits one GPU), the Triton experts included: the EP2 layouts vs one GPU
+  # (limit 1e-4). 4 steps: 10 steps at 512x512 took 258 s on one GPU.
+  R4="--model real-dummy --layers 4 --image-base-size 512 --height 512 --width 512 --steps 4 --no-timing --dtype float32"
   export NVIDIA_TF32_OVERRIDE=0
-  $B $R4 --dtype float32 --save-output "$S/real4_fp32.pt" --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
-  echo "[${SECONDS} s]"
+  $B $R4 --save-output "$S/real4_fp32.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1; echo "[${SECONDS} s]"
   for layout in "--cfg-parallel-size 2 --all2all-backend all2all" "--tensor-parallel-size 2 --all2all-backend allgather_reducescatter"; do
-    $T2 $R4 --dtype float32 $layout $EP --compare-output "$S/real4_fp32.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
+    $T2 $R4 $layout $EP --compare-output "$S/real4_fp32.pt" --rtol 1e-4 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
+    echo "[${SECONDS} s]"
   done
-  echo "[${SECONDS} s]"
   ;;
 layouts)
   # CFG2 + EP2 eager (the CUDA graph gains nothing there: 11.96 vs 11.93 s in commit 69ef6bf's run), TP2 + EP2 with
