@@ -55,7 +55,8 @@ from omni_ep.models.hunyuan_image3.sequence_parallel import apply_sequence_paral
 # Checkpoint name pattern -> how it is split over ranks. Anything not listed is replicated.
 PLACEMENT = {
     "model.layers.*.self_attn.qkv_proj.weight": "column (whole KV-head groups per TP rank)",
-    "model.layers.*.self_attn.o_proj.weight": "row (input columns; all-reduce over TP, reduce-scatter to row chunks under TP x EP)",
+    "model.layers.*.self_attn.o_proj.weight": "row (input columns; all-reduce over TP, or reduce-scatter to TP row "
+                                              "chunks under TP x EP)",
     "model.layers.*.mlp.experts.*.gate_and_up_proj.weight": "expert (owner EP rank; [up; gate] -> w13 [gate; up])",
     "model.layers.*.mlp.experts.*.down_proj.weight": "expert (owner EP rank) -> w2",
     "model.layers.*.mlp.gate.wg.weight": "replicated, fp32",
@@ -92,7 +93,9 @@ class HunyuanImage3DecoderLayer(nn.Module):
         self.post_attention_layernorm = HunyuanImage3RMSNorm(H, eps, params_dtype)
         self.mlp = HunyuanImage3MoE(config, layer_idx, params_dtype, prefix=f"{prefix}.mlp")
 
-    def forward(self, x, residual, cos, sin, segments, kv_cache=None, batch_tokens=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x, residual, cos, sin, segments, kv_cache=None, batch_tokens=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) -> (MoE output, residual): the layer's output is their sum, formed by the next layer's
         input norm in the same kernel (add_rms_norm). residual None: x is the embedding. Under TP x EP, x and
         residual are row chunks [C, H] and batch_tokens is (B, S), the shape of all rows."""
