@@ -80,6 +80,24 @@ class GroupCoordinator:
         work = _reduce_scatter_single(out, x, group=self.group, async_op=async_op)
         return (out, work) if async_op else out
 
+    def reduce_scatter_row_chunks(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """Sum x [T, ...] over the group and keep this rank's row_chunk(T, rank, world_size) rows [C, ...]. Uneven
+        chunks are padded to the largest for one reduce-scatter."""
+        if self.world_size == 1:
+            return x_TH
+        T = x_TH.shape[0]
+        chunks = [row_chunk(T, r, self.world_size) for r in range(self.world_size)]
+        width = max(end - start for start, end in chunks)
+        if width == 0:
+            return x_TH
+        if T != width * self.world_size:
+            padded = x_TH.new_zeros((self.world_size, width) + tuple(x_TH.shape[1:]))
+            for r, (start, end) in enumerate(chunks):
+                padded[r, : end - start] = x_TH[start:end]
+            x_TH = padded.flatten(0, 1)
+        start, end = chunks[self.rank]
+        return self.reduce_scatter(x_TH)[: end - start]
+
     def all_to_all_single(
         self,
         x: torch.Tensor,

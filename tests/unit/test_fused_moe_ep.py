@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from omni_ep.config import ParallelConfig
-from omni_ep.distributed import destroy_parallel_state, init_parallel_state
+from omni_ep.distributed import destroy_parallel_state, get_tp_group, init_parallel_state
+from omni_ep.distributed.row_chunks import row_chunk
 from omni_ep.forward_context import set_forward_context
 from omni_ep.layers.fused_moe import FusedMoE, select_experts
 from omni_ep.layers.fused_moe.experts.torch_experts import TorchExperts
@@ -84,13 +85,27 @@ def ep_worker(rank, world_size):
                     x, logits = tokens(case, data_rank, top_k)
                     bound = max(tokens(case, d, top_k)[0].shape[0] for d in range(world_size // cfg.tensor_parallel_size))
                     start, end = layer.routed_rows(x.shape[0]) if known_bound else (0, x.shape[0])
+                    rows = slice(*layer.routed_rows(x.shape[0]))
                     with set_forward_context(max_tokens_across_ep=bound if known_bound else None):
                         out = layer(x, logits[start:end])
+                        # The routed rows alone, not joined over TP (the decoder layer's TP row chunks), with a
+                        # shared expert.
+                        out_rows = layer.forward_routed_rows(x[rows], logits[rows], shared_experts=torch.tanh)
                     ref = reference(x, logits, top_k)
+                    torch.testing.assert_close(out_rows, ref[rows] + torch.tanh(x[rows]), rtol=RTOL, atol=1e-6)
                     err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.shape[0] else 0.0
                     assert out.shape == x.shape, (kw, backend, case)
                     assert err <= RTOL, f"{kw} {backend} {placement} {case} top{top_k}: rel err {err:.2e}"
                     report.append((str(kw), backend, placement, case, top_k, err))
+                # Reduce-scatter into row chunks, every count from empty chunks to uneven ones: TP peers send
+                # different multiples of the same rows; each keeps the sum of its own rows.
+                tp = get_tp_group()
+                for T in range(2 * tp.world_size + 2):
+                    x = torch.arange(T * 3, dtype=torch.float32).reshape(T, 3)
+                    start, end = row_chunk(T, tp.rank, tp.world_size)
+                    summed = tp.reduce_scatter_row_chunks(x * (tp.rank + 1))
+                    torch.testing.assert_close(summed, x[start:end] * (tp.world_size * (tp.world_size + 1) // 2),
+                                               rtol=0, atol=0, msg=f"reduce_scatter_row_chunks of {T} rows")
                 # Expert bytes per rank are exactly total / EP.
                 expert_bytes = sum(p.numel() * p.element_size() for p in (layer.w13_weight, layer.w2_weight))
                 total = E * (2 * I * H + H * I) * 4
@@ -119,6 +134,8 @@ def tp_worker(rank, world_size):
         err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.shape[0] else 0.0
         assert err <= RTOL, f"TP{world_size} {case}: rel err {err:.2e}"
         errs.append(err)
+        with pytest.raises(RuntimeError, match="needs expert parallel"):
+            layer.forward_routed_rows(x, logits)
     destroy_parallel_state()
     return errs
 

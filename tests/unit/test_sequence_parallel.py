@@ -199,8 +199,16 @@ def _model_passes(path):
     """Every decoder layer's output (this rank's share) and the velocity, of step 0 and two cached steps."""
     model = load_transformer(path, dtype=torch.float32, device="cpu")
     layer_outputs = []  # a decoder layer returns (MoE output, residual): its output is their sum
+
+    def keep_output(layer, args, kwargs, out):
+        y = out[0] + out[1]
+        if layer.tp_chunks:  # this TP rank's row chunk of the B x S tokens
+            B, S = kwargs["batch_tokens"]
+            y = layer.tp_group.all_gather_row_chunks(y, B * S).view(B, S, -1)
+        layer_outputs.append(y)
+
     for layer in model.model.layers:
-        layer.register_forward_hook(lambda module, args, out: layer_outputs.append(out[0] + out[1]))
+        layer.register_forward_hook(keep_output, with_kwargs=True)
     ids, latents, t, image_slice, ts = tiny_inputs(model.config.vocab_size, batch=2, prompt_len=PROMPT_LEN,
                                                    h=LATENT_H, w=LATENT_W)
     cache = HunyuanImage3KVCache()

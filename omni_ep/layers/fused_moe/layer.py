@@ -148,7 +148,7 @@ class FusedMoE(nn.Module):
                 "this rank routes, routed_rows)"
             )
         if self.use_ep:
-            out_CH = self._routed(x_TH[start:end], logits_TE, x_TH[start:end], shared_experts)
+            out_CH = self.forward_routed_rows(x_TH[start:end], logits_TE, shared_experts)
             out_TH = self.tp_group.all_gather_row_chunks(out_CH, T)
         else:
             shared_rows = row_chunk(T, self.tp_rank, self.tp_size)  # this TP rank's share of the shared experts
@@ -156,6 +156,17 @@ class FusedMoE(nn.Module):
             out_TH = self._routed(x_TH, logits_TE, x_shared, shared_experts, shared_rows=shared_rows)
             out_TH = self.tp_group.all_reduce(out_TH)
         return out_TH.reshape(shape)
+
+    def forward_routed_rows(
+        self, x_CH: torch.Tensor, router_logits_CE: torch.Tensor, shared_experts: nn.Module | None = None
+    ) -> torch.Tensor:
+        """Expert parallel only: x [C, H], the rows this rank routes (``routed_rows``), and their logits [C, E] ->
+        [C, H], the routed experts plus ``shared_experts(x)`` for these rows alone (not joined over TP: for callers
+        that keep the hidden states in TP row chunks)."""
+        if not self.use_ep:
+            raise RuntimeError("forward_routed_rows needs expert parallel: without it every TP rank computes a "
+                               "partial sum for all tokens (forward)")
+        return self._routed(x_CH, router_logits_CE.reshape(-1, self.num_experts), x_CH, shared_experts)
 
     def _token_bound(self) -> int | None:
         """The most tokens any EP rank dispatches in this forward, from the forward context (None: unknown)."""

@@ -5,7 +5,8 @@ N query heads on this rank, G = N / N_kv query heads per KV head, N_kv KV heads 
 
 Tensor parallel: ``qkv_proj`` is column-parallel. Its rows are grouped per KV head
 ([q_Gg .. q_Gg+G-1, k_g, v_g] x N_kv_total), so a contiguous 1/TP row chunk is a set of whole KV-head
-groups whenever N_kv_total % TP == 0. ``o_proj`` is row-parallel and all-reduces over the TP group.
+groups whenever N_kv_total % TP == 0. ``o_proj`` is row-parallel and all-reduces over the TP group, or, with
+``reduce_output=False``, leaves its partial sums to the caller (the decoder layer's reduce-scatter under TP x EP).
 """
 
 from __future__ import annotations
@@ -114,10 +115,16 @@ class HunyuanImage3KVCache:
 
 
 class HunyuanImage3Attention(nn.Module):
-    """hidden_states [B, S, H] -> [B, S, H] (all-reduced over TP)."""
+    """hidden_states [B, S, H] -> [B, S, H] (all-reduced over TP; this rank's partial sum when not
+    ``reduce_output``)."""
 
     def __init__(
-        self, config: HunyuanImage3Config, layer_idx: int, params_dtype: torch.dtype | None = None, prefix: str = ""
+        self,
+        config: HunyuanImage3Config,
+        layer_idx: int,
+        params_dtype: torch.dtype | None = None,
+        prefix: str = "",
+        reduce_output: bool = True,
     ):
         super().__init__()
         tp_size = get_tp_group().world_size
@@ -145,7 +152,7 @@ class HunyuanImage3Attention(nn.Module):
             config.hidden_size,
             bias=config.attention_bias,
             input_is_parallel=True,
-            reduce_results=True,
+            reduce_results=reduce_output,
             params_dtype=params_dtype,
             prefix=f"{prefix}.o_proj",
         )

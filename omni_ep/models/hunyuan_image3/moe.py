@@ -103,6 +103,11 @@ class HunyuanImage3MoE(nn.Module):
             prefix=f"{prefix}.shared_mlp",
         )
 
+    def forward_routed_rows(self, x_CH: torch.Tensor) -> torch.Tensor:
+        """Expert parallel: x [C, H], this TP rank's row chunk (``experts.routed_rows``) -> [C, H], not joined over
+        TP (the decoder layer keeps the hidden states in TP row chunks)."""
+        return self.experts.forward_routed_rows(x_CH, self.gate(x_CH), shared_experts=self.shared_mlp)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x_TH = hidden_states.reshape(-1, shape[-1])

@@ -21,6 +21,11 @@ image (``<eoi>``, ``</answer>``, ...) are dropped there: under the mask no image
 Sequence parallel (``sequence_parallel.py``): each SP rank runs a contiguous share of the pass's tokens through
 the decoder layers (attention by ulysses / ring exchanges); the shares are gathered again before ``final_layer``.
 
+Tensor x expert parallel (``hidden_in_tp_chunks``): between layers each TP rank holds only its row chunk of the
+B x S tokens (the MoE routes exactly that chunk). A layer all-gathers the normed chunks before ``qkv_proj`` and
+reduce-scatters ``o_proj``'s partial sums back to chunks: two collectives a layer, where the replicated hidden
+states need an all-reduce after ``o_proj`` and an all-gather after the MoE.
+
 Placement of every weight (``PLACEMENT``): "column"/"row" are TP-sharded (contiguous row / column chunks),
 "expert" tensors live only on the EP rank that owns the expert (TP-sharded in I when EP is off),
 "replicated" is held whole by every rank.
@@ -31,7 +36,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omni_ep.distributed import get_sp_group
+from omni_ep.distributed import get_ep_group, get_sp_group, get_tp_group
+from omni_ep.distributed.row_chunks import row_chunk
 from omni_ep.distributed.sequence_shards import SequenceShards
 from omni_ep.layers.fused_ops import add_rms_norm
 from omni_ep.models.hunyuan_image3.attention import (
@@ -49,7 +55,8 @@ from omni_ep.models.hunyuan_image3.sequence_parallel import apply_sequence_paral
 # Checkpoint name pattern -> how it is split over ranks. Anything not listed is replicated.
 PLACEMENT = {
     "model.layers.*.self_attn.qkv_proj.weight": "column (whole KV-head groups per TP rank)",
-    "model.layers.*.self_attn.o_proj.weight": "row (input columns; all-reduce over TP)",
+    "model.layers.*.self_attn.o_proj.weight": "row (input columns; all-reduce over TP, or reduce-scatter to TP row "
+                                              "chunks under TP x EP)",
     "model.layers.*.mlp.experts.*.gate_and_up_proj.weight": "expert (owner EP rank; [up; gate] -> w13 [gate; up])",
     "model.layers.*.mlp.experts.*.down_proj.weight": "expert (owner EP rank) -> w2",
     "model.layers.*.mlp.gate.wg.weight": "replicated, fp32",
@@ -63,8 +70,14 @@ PLACEMENT = {
 SKIPPED_PREFIXES = ("vision_model.", "vision_aligner.", "vae.", "lm_head.", "model.ln_f.")
 
 
+def hidden_in_tp_chunks() -> bool:
+    """True under TP x EP: the decoder layers pass each TP rank's row chunk of the hidden states, not all rows."""
+    return get_tp_group().world_size > 1 and get_ep_group().world_size > 1
+
+
 class HunyuanImage3DecoderLayer(nn.Module):
-    """Pre-norm block: h = x + Attn(RMSNorm(x)); y = h + MoE(RMSNorm(h)). [B, S, H] -> [B, S, H]."""
+    """Pre-norm block: h = x + Attn(RMSNorm(x)); y = h + MoE(RMSNorm(h)). [B, S, H] -> [B, S, H], or this TP
+    rank's row chunk [C, H] -> [C, H] of the B x S rows under TP x EP (``hidden_in_tp_chunks``)."""
 
     def __init__(
         self, config: HunyuanImage3Config, layer_idx: int, params_dtype: torch.dtype | None = None, prefix: str = ""
@@ -72,21 +85,34 @@ class HunyuanImage3DecoderLayer(nn.Module):
         super().__init__()
         H, eps = config.hidden_size, config.rms_norm_eps
         self.eps = eps
+        self.tp_group, self.tp_chunks = get_tp_group(), hidden_in_tp_chunks()
         self.input_layernorm = HunyuanImage3RMSNorm(H, eps, params_dtype)
-        self.self_attn = HunyuanImage3Attention(config, layer_idx, params_dtype, prefix=f"{prefix}.self_attn")
+        self.self_attn = HunyuanImage3Attention(
+            config, layer_idx, params_dtype, prefix=f"{prefix}.self_attn", reduce_output=not self.tp_chunks
+        )
         self.post_attention_layernorm = HunyuanImage3RMSNorm(H, eps, params_dtype)
         self.mlp = HunyuanImage3MoE(config, layer_idx, params_dtype, prefix=f"{prefix}.mlp")
 
-    def forward(self, x_BSH, residual_BSH, cos, sin, segments, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x, residual, cos, sin, segments, kv_cache=None, batch_tokens=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) -> (MoE output, residual): the layer's output is their sum, formed by the next layer's
-        input norm in the same kernel (add_rms_norm). residual None: x is the embedding."""
-        if residual_BSH is None:
-            residual_BSH, normed_BSH = x_BSH, self.input_layernorm(x_BSH)
+        input norm in the same kernel (add_rms_norm). residual None: x is the embedding. Under TP x EP, x and
+        residual are row chunks [C, H] and batch_tokens is (B, S), the shape of all rows."""
+        if self.tp_chunks and batch_tokens is None:
+            raise ValueError("under TP x EP the layer takes row chunks: pass batch_tokens=(B, S) of all rows")
+        if residual is None:
+            residual, normed = x, self.input_layernorm(x)
         else:
-            residual_BSH, normed_BSH = add_rms_norm(x_BSH, residual_BSH, self.input_layernorm.weight, self.eps)
-        attn_BSH = self.self_attn(normed_BSH, cos, sin, segments, kv_cache)
-        residual_BSH, normed_BSH = add_rms_norm(attn_BSH, residual_BSH, self.post_attention_layernorm.weight, self.eps)
-        return self.mlp(normed_BSH), residual_BSH
+            residual, normed = add_rms_norm(x, residual, self.input_layernorm.weight, self.eps)
+        if self.tp_chunks:
+            B, S = batch_tokens
+            normed = self.tp_group.all_gather_row_chunks(normed, B * S).view(B, S, -1)
+        attn = self.self_attn(normed, cos, sin, segments, kv_cache)
+        if self.tp_chunks:
+            attn = self.tp_group.reduce_scatter_row_chunks(attn.view(-1, attn.shape[-1]))
+        residual, normed = add_rms_norm(attn, residual, self.post_attention_layernorm.weight, self.eps)
+        return (self.mlp.forward_routed_rows(normed) if self.tp_chunks else self.mlp(normed)), residual
 
 
 class HunyuanImage3Model(nn.Module):
@@ -126,6 +152,7 @@ class HunyuanImage3Transformer2DModel(nn.Module):
                 if module is not None:
                     module.to(params_dtype)
         self.sp_group = get_sp_group()  # size 1 without sequence parallel
+        self.tp_group, self.tp_chunks = get_tp_group(), hidden_in_tp_chunks()
         apply_sequence_parallel(self, config)
 
     @classmethod
@@ -194,10 +221,16 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         shards = SequenceShards(q_start, seq_len, self.sp_group.world_size)
         if shards.world_size > 1:  # this rank runs its share of the tokens (see sequence_parallel.py)
             x_BSH, cos, sin, segments = split_pass(shards, self.sp_group.rank, x_BSH, cos, sin, segments)
-        residual_BSH = None
+        B, S, H = x_BSH.shape
+        x, residual = x_BSH, None
+        if self.tp_chunks:  # this TP rank's rows of the B x S tokens (the decoder layer's docstring)
+            start, end = row_chunk(B * S, self.tp_group.rank, self.tp_group.world_size)
+            x = x_BSH.reshape(B * S, H)[start:end]
         for layer in self.model.layers:
-            x_BSH, residual_BSH = layer(x_BSH, residual_BSH, cos, sin, segments, kv_cache)
-        x_BSH = x_BSH + residual_BSH
+            x, residual = layer(x, residual, cos, sin, segments, kv_cache, batch_tokens=(B, S))
+        x_BSH = x + residual
+        if self.tp_chunks:
+            x_BSH = self.tp_group.all_gather_row_chunks(x_BSH, B * S).view(B, S, H)
         if kv_cache is not None and not cached:
             kv_cache.end_fill()
         if shards.world_size > 1:
