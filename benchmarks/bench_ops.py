@@ -1,7 +1,9 @@
 """The non-expert element-wise ops of a cached denoising step, eager (the model code) vs torch.compile of the
-same function vs the fused Triton kernels of omni_ep.layers.fused_ops; and the attention call itself.
+same function vs the fused Triton kernels of omni_ep.layers.fused_ops; the attention call itself; and the
+latent adapters (patch_embed, final_layer) by how their convolutions are called.
 
     PYTHONPATH=$PWD python benchmarks/bench_ops.py --json benchmarks/results/ops_h200.json
+    PYTHONPATH=$PWD python benchmarks/bench_ops.py --sections adapters --json benchmarks/results/adapters_h200.json
 
 Shapes (defaults): one CFG branch of a cached step at 1024x1024: S = 4097 query tokens (<timestep> + 64x64
 image), 13 cached text keys (S_kv = 4110), hidden 4096, 32 query / 8 KV heads of 128, bf16; router logits
@@ -22,6 +24,9 @@ no repeat, the two outputs concatenated; (d) the model's call: q in [B, S, N, D]
 keys, row 0 overwritten by its own call (no concatenation, no transposing copy), also pinned to each SDPA
 backend (flash, efficient, cudnn). Max |out - (a)| is reported.
 
+Adapters (real widths, 64x64 grid, B = 1 and 2; weights drawn at std 1/sqrt(fan-in)): the model's modules on B
+samples at once vs one call per sample vs channels-last activations and weights; checked against the first.
+
 A contender that raises is reported as "n/a: <reason>" and the rest go on. Exit code 1 when a Triton kernel
 raises or is off eager by more than rounding-order noise (16-bit outputs: over 1 ulp, or over 1% of elements not
 bit-equal; fp32: relative error over 1e-5; any differing expert id). --device cpu --no-compile with small
@@ -32,6 +37,7 @@ ops' torch path; timings there are wall-clock and mean nothing).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -53,6 +59,7 @@ from omni_ep.layers.fused_ops import add_rms_norm, gather_sum, rms_norm, rope_qk
 from omni_ep.layers.fused_ops.backend import runs_triton
 from omni_ep.models.hunyuan_image3.attention import HunyuanImage3Attention, HunyuanImage3RMSNorm
 from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
+from omni_ep.models.hunyuan_image3.embeddings import HunyuanUNetDown, HunyuanUNetUp
 from omni_ep.models.hunyuan_image3.rope import apply_rotary_emb, image_rope_positions, rope_cos_sin
 
 
@@ -72,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition budget per contender")
+    p.add_argument("--latent-size", type=int, default=64, help="the adapters' latent grid side (64 at 1024x1024)")
+    p.add_argument("--adapter-hidden", type=int, default=1024, help="the adapters' width P (patch_embed_hidden_dim)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS), help="what to run")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -313,6 +323,49 @@ def attention_benchmarks(a, device, dtype, bench) -> list[dict]:
     return rows
 
 
+def adapter_benchmarks(a, device, dtype, bench) -> list[dict]:
+    """patch_embed (latents [B, 32, h, w] -> tokens [B, h*w, H]) and final_layer (back), whose 3x3 convolutions
+    at H = 4096 are about 2 TFLOP per sample: B samples in one call (the model), one call per sample, and the
+    activations and weights channels-last (the tokens [B, h*w, H] are already [B, h, w, H] in memory)."""
+    C, P, H, side = 32, a.adapter_hidden, a.hidden, a.latent_size
+    gen = torch.Generator(device).manual_seed(2)
+    with torch.device(device):
+        down, up = HunyuanUNetDown(C, H, P, H).to(dtype), HunyuanUNetUp(H, H, P, C).to(dtype)
+    for module in (down, up):
+        for param in module.parameters():  # std 1 / sqrt(fan-in): activations stay O(1) through the convs
+            param.data.normal_(0, param[0].numel() ** -0.5 if param.dim() > 1 else 0.1, generator=gen)
+    down_cl, up_cl = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (down, up))
+
+    def channels_last_tokens(latents, emb):
+        x = down_cl.model[1](down_cl.model[0](latents.contiguous(memory_format=torch.channels_last)), emb)
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, H)  # a view: [B, h, w, H] memory
+
+    def channels_last_velocity(hidden, emb):
+        x = hidden.view(hidden.shape[0], side, side, H).permute(0, 3, 1, 2)  # channels-last view, no copy
+        return up_cl.model[1](up_cl.model[0](x, emb))
+
+    def per_sample(fn):
+        return lambda x, emb: torch.cat([fn(x[i : i + 1], emb[i : i + 1]) for i in range(x.shape[0])])
+
+    per_pixel = {"patch_embed": 9 * (C * P + P * H + H * H) + P * H, "final_layer": 9 * (H * P + P * P + P * C) + H * P}
+    rows = []
+    for B in (1, 2):
+        latents = torch.randn(B, C, side, side, device=device, dtype=dtype, generator=gen)
+        hidden = torch.randn(B, side * side, H, device=device, dtype=dtype, generator=gen)
+        emb = torch.randn(B, H, device=device, dtype=dtype, generator=gen)
+        patch_embed = {"batch (model)": down, "per sample": per_sample(down),
+                       "channels_last": channels_last_tokens, "channels_last per sample": per_sample(channels_last_tokens)}
+        final_layer = {"batch (model)": lambda x, e: up(x, e, side, side),
+                       "per sample": per_sample(lambda x, e: up(x, e, side, side)),
+                       "channels_last": channels_last_velocity,
+                       "channels_last per sample": per_sample(channels_last_velocity)}
+        rows += run_contenders(f"patch_embed B={B}", patch_embed, (latents, emb), bench,
+                               flops=2 * B * side * side * per_pixel["patch_embed"])
+        rows += run_contenders(f"final_layer B={B}", final_layer, (hidden, emb), bench,
+                               flops=2 * B * side * side * per_pixel["final_layer"])
+    return rows
+
+
 def attention_kernels(fn, inputs) -> str:
     """The attention kernels fn launches, by name: which SDPA backend ran."""
     try:
@@ -337,6 +390,9 @@ def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
         print(line + " ".join(f"{format(row[key], fmt) if key in row else '':>13s}" for key, fmt in columns))
 
 
+SECTIONS = {"ops": op_benchmarks, "attention": attention_benchmarks, "adapters": adapter_benchmarks}
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
@@ -346,19 +402,24 @@ def main(argv=None) -> int:
     bench = timer(device, a.rep_ms)
     t0 = time.time()
     torch.set_grad_enabled(False)
-    ops = op_benchmarks(a, device, dtype, bench)
-    attention = attention_benchmarks(a, device, dtype, bench)
+    results = {name: SECTIONS[name](a, device, dtype, bench) if name in a.sections else [] for name in SECTIONS}
+    ops, attention, adapters = results["ops"], results["attention"], results["adapters"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name} | torch {torch.__version__} | triton {triton.__version__} | S={a.tokens} H={a.hidden} "
           f"heads {a.heads}/{a.kv_heads}x{a.head_dim} {a.dtype}, router [{a.tokens}, {a.experts}] top-{a.top_k}")
-    print("\nelement-wise ops, checked against eager (the model code)")
-    print_table(ops, [("ms", ".4f"), ("gb_per_s", ".0f"), ("max_rel_err", ".2e"), ("max_ulps", "d"),
-                      ("not_bit_equal", ".3%"), ("ids_differ", ".3%")])
-    print("\nattention at the cached step, checked against (a)")
-    print_table(attention, [("ms", ".4f"), ("tflops", ".0f"), ("max_abs_err", ".2e")])
+    if ops:
+        print("\nelement-wise ops, checked against eager (the model code)")
+        print_table(ops, [("ms", ".4f"), ("gb_per_s", ".0f"), ("max_rel_err", ".2e"), ("max_ulps", "d"),
+                          ("not_bit_equal", ".3%"), ("ids_differ", ".3%")])
+    if attention:
+        print("\nattention at the cached step, checked against (a)")
+        print_table(attention, [("ms", ".4f"), ("tflops", ".0f"), ("max_abs_err", ".2e")])
     for row in attention:
         if "kernels" in row:
             print(f"  {row['contender']}: {row['kernels']}")
+    if adapters:
+        print(f"\nadapters at a {a.latent_size}x{a.latent_size} latent grid, checked against the model's batch call")
+        print_table(adapters, [("ms", ".4f"), ("tflops", ".0f"), ("max_rel_err", ".2e"), ("not_bit_equal", ".3%")])
     failures = [f"{r['op']}: {r['status'] if r['status'] != 'ok' else off_eager(r)}" for r in ops
                 if r["contender"] == "triton" and (r["status"] != "ok" or off_eager(r))]
     for failure in failures:
@@ -368,7 +429,7 @@ def main(argv=None) -> int:
         meta = dict(date=datetime.date.today().isoformat(), device=name, torch=torch.__version__,
                     triton=triton.__version__, args=vars(a), command=" ".join(["python", *sys.argv]))
         with open(a.json, "w") as f:
-            json.dump(dict(meta=meta, ops=ops, attention=attention, failures=failures), f, indent=2)
+            json.dump(dict(meta=meta, ops=ops, attention=attention, adapters=adapters, failures=failures), f, indent=2)
     return 1 if failures else 0
 
 
