@@ -24,7 +24,8 @@ the decoder layers (attention by ulysses / ring exchanges); the shares are gathe
 Tensor x expert parallel (``hidden_in_tp_chunks``): between layers each TP rank holds only its row chunk of the
 B x S tokens (the MoE routes exactly that chunk). A layer all-gathers the normed chunks before ``qkv_proj`` and
 reduce-scatters ``o_proj``'s partial sums back to chunks: two collectives a layer, where the replicated hidden
-states need an all-reduce after ``o_proj`` and an all-gather after the MoE.
+states need an all-reduce after ``o_proj`` and an all-gather after the MoE. When B is a multiple of TP the chunks
+are whole samples (``_own_samples``): each TP rank also embeds and decodes only its own.
 
 Placement of every weight (``PLACEMENT``): "column"/"row" are TP-sharded (contiguous row / column chunks),
 "expert" tensors live only on the EP rank that owns the expert (TP-sharded in I when EP is off),
@@ -214,6 +215,10 @@ class HunyuanImage3Transformer2DModel(nn.Module):
                 kv_cache.begin_fill(timestep_index)
 
         device = latents.device
+        own = self._own_samples(B)
+        if own is not None:  # this TP rank's row chunk is whole samples: it embeds and decodes only those
+            latents, timestep, slot_values = latents[own], timestep[own], [v[own] for v in slot_values]
+            input_ids = None if input_ids is None else input_ids[own]
         x_BSH = self._embed(latents, timestep, input_ids, q_start, seq_len, timestep_index, image_slice, slot_values)
         pos_y, pos_x = image_rope_positions(seq_len, img_start, h, w, device=device)
         cos, sin = rope_cos_sin(pos_y[q_start:], pos_x[q_start:], self.config.attention_head_dim, self.config.rope_theta)
@@ -221,22 +226,38 @@ class HunyuanImage3Transformer2DModel(nn.Module):
         shards = SequenceShards(q_start, seq_len, self.sp_group.world_size)
         if shards.world_size > 1:  # this rank runs its share of the tokens (see sequence_parallel.py)
             x_BSH, cos, sin, segments = split_pass(shards, self.sp_group.rank, x_BSH, cos, sin, segments)
-        B, S, H = x_BSH.shape
+        _, S, H = x_BSH.shape
         x, residual = x_BSH, None
-        if self.tp_chunks:  # this TP rank's rows of the B x S tokens (the decoder layer's docstring)
+        if own is not None:
+            x = x_BSH.reshape(-1, H)
+        elif self.tp_chunks:  # this TP rank's rows of the B x S tokens (the decoder layer's docstring)
             start, end = row_chunk(B * S, self.tp_group.rank, self.tp_group.world_size)
             x = x_BSH.reshape(B * S, H)[start:end]
         for layer in self.model.layers:
             x, residual = layer(x, residual, cos, sin, segments, kv_cache, batch_tokens=(B, S))
         x_BSH = x + residual
-        if self.tp_chunks:
+        if own is not None:
+            x_BSH = x_BSH.view(-1, S, H)
+        elif self.tp_chunks:
             x_BSH = self.tp_group.all_gather_row_chunks(x_BSH, B * S).view(B, S, H)
         if kv_cache is not None and not cached:
             kv_cache.end_fill()
         if shards.world_size > 1:
             x_BSH = gather_pass(shards, self.sp_group, x_BSH)
         image_hidden = x_BSH[:, img_start - q_start : img_stop - q_start]  # no ln_f before final_layer
-        return self.final_layer(image_hidden, self.time_embed_2(timestep), h, w)
+        velocity = self.final_layer(image_hidden, self.time_embed_2(timestep), h, w)
+        return velocity if own is None else self.tp_group.all_gather(velocity, dim=0)
+
+    def _own_samples(self, B: int) -> slice | None:
+        """Under TP x EP with B a multiple of TP (CFG's cond and uncond rows on TP2), each TP rank's row chunk of
+        the B x S tokens is whole samples: the slice of them, else None. The rank then runs patch_embed and
+        final_layer (convolutions over the latent grid) on its own samples only and the [B, C, h, w] velocities
+        are all-gathered, instead of every TP rank convolving all B samples."""
+        tp = self.tp_group.world_size
+        if not self.tp_chunks or B % tp:
+            return None
+        per_rank = B // tp
+        return slice(self.tp_group.rank * per_rank, (self.tp_group.rank + 1) * per_rank)
 
     def _meta_slot_values(self, timestep, guidance, timestep_r) -> list[torch.Tensor]:
         """[B, H] embedding of each meta slot, in ``config.meta_slots`` order; checks that the values the
