@@ -4,7 +4,8 @@
 #   bash benchmarks/run_gpu_pipeline.sh agreement # real width, 4 layers, bf16: 2 GPUs vs 1 and vs .ab_base, and the
 #                                                 # bf16 floor (vs fp32 on 1 GPU) (about 7 min)
 #   bash benchmarks/run_gpu_pipeline.sh agreement_fp32  # real width, 4 layers, fp32: EP2 layouts vs 1 GPU (untimed)
-#   bash benchmarks/run_gpu_pipeline.sh layouts   # full size, 1024x1024, 50 steps, every layout (about 6 min)
+#   bash benchmarks/run_gpu_pipeline.sh layouts [NAME...]  # full size, 1024x1024, 50 steps, every layout or the
+#                                                 # named ones (about 50 s each)
 #   bash benchmarks/run_gpu_pipeline.sh profile [NAME LAYOUT...]   # the kernel-time breakdown, .ab_base's
 #                                                 # package and this one (about 4 min); default NAME cfg2_ep2_all2all
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
@@ -73,7 +74,9 @@ layouts)
   # CFG2 + EP2 eager (the CUDA graph gains nothing there: 11.96 vs 11.93 s in commit 69ef6bf's run), TP2 + EP2 with
   # the cached steps replayed as a CUDA graph, TP2 without EP eager (graph: 13.71 vs 13.66 s).
   FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"
-  run() { name=$1; shift; echo "== $name"; $T2 $FULL "$@" --json "$S/pipeline_2xh200_$name.json" 2>&1 | tee -a "$FULL_LOG" | tail -3; }
+  ONLY=" ${*:2} "  # layouts [NAME...]: only those
+  run() { name=$1; shift; [ "$ONLY" = "  " ] || [[ $ONLY == *" $name "* ]] || return 0
+          echo "== $name"; $T2 $FULL "$@" --json "$S/pipeline_2xh200_$name.json" 2>&1 | tee -a "$FULL_LOG" | tail -3; }
   run cfg2_ep2_all2all --cfg-parallel-size 2 $EP --all2all-backend all2all
   run cfg2_ep2_allgather_reducescatter_graph --cfg-parallel-size 2 $EP --all2all-backend allgather_reducescatter --cuda-graph
   run tp2_ep2_all2all_graph --tensor-parallel-size 2 $EP --all2all-backend all2all --cuda-graph
