@@ -2,12 +2,14 @@
 # Device calls for the whole pipeline on two H200s (nvidia-h200-x2), one stage per call:
 #   bash benchmarks/run_gpu_pipeline.sh check     # exactness: tiny checkpoint, fp32 (about 3 min)
 #   bash benchmarks/run_gpu_pipeline.sh agreement # real width, 4 layers, bf16: 2 GPUs vs 1 and vs .ab_base, and the
-#                                                 # bf16 floor (vs fp32 on 1 GPU) (about 7 min)
+#                                                 # bf16 floor (vs fp32 on 1 GPU) (about 8 min)
 #   bash benchmarks/run_gpu_pipeline.sh agreement_fp32  # real width, 4 layers, fp32: EP2 layouts vs 1 GPU (untimed)
 #   bash benchmarks/run_gpu_pipeline.sh layouts [NAME...]  # full size, 1024x1024, 50 steps, every layout or the
 #                                                 # named ones (about 50 s each)
 #   bash benchmarks/run_gpu_pipeline.sh profile [NAME LAYOUT...]   # the kernel-time breakdown, .ab_base's
 #                                                 # package and this one (about 4 min); default NAME cfg2_ep2_all2all
+#   bash benchmarks/run_gpu_pipeline.sh nccl [LAYOUT...]   # NCCL_MIN_P2P_NCHANNELS default / 16 / 32 / default,
+#                                                 # full size (about 4 min; LAYOUT as for ab)
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh ab [LAYOUT...]   # every package in .ab_base and this one, full size,
 #                                                 # in turn twice (about 2.5 min a package); LAYOUT:
@@ -46,14 +48,17 @@ check)
   done
   ;;
 agreement)
-  # Real width, 4 layers, bf16: one GPU; CFG2 + EP2 vs the previous commit's on two GPUs and vs one GPU; ulysses 2 +
-  # EP2 vs one GPU; then fp32 on one GPU (TF32 off) vs bf16 on one GPU: the bf16 floor. 512x512 (image_base_size
+  # Real width, 4 layers, bf16: one GPU; CFG2 + EP2 and TP2 + EP2 vs the previous commit's on two GPUs and vs one
+  # GPU; ulysses 2 + EP2 vs one GPU; then fp32 on one GPU (TF32 off) vs bf16 on one GPU: the bf16 floor. 512x512 (image_base_size
   # 512: the released 1024 snaps every size to its 1024-pixel buckets) and 10 steps: the fp32 run alone took 258 s.
   R4="--model real-dummy --layers 4 --image-base-size 512 --height 512 --width 512 --steps 10 --no-timing"
   $B $R4 --save-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1; echo "[${SECONDS} s]"
   # (.ab_base older than the dummy VAE drawn per name, commit 8e9f01d: only the latents compare, not the images.)
   $T2 --package omni_ep_base $R4 $CFG2_EP2 --save-output "$S/real4_cfg2_base.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
   $T2 $R4 $CFG2_EP2 --compare-output "$S/real4_cfg2_base.pt" "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
+  TP2_EP2="--tensor-parallel-size 2 $EP --all2all-backend all2all"
+  $T2 --package omni_ep_base $R4 $TP2_EP2 --save-output "$S/real4_tp2_base.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1
+  $T2 $R4 $TP2_EP2 --compare-output "$S/real4_tp2_base.pt" "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
   $T2 $R4 --ulysses-degree 2 $EP --all2all-backend all2all --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"
   echo "[${SECONDS} s]"
   NVIDIA_TF32_OVERRIDE=0 $B $R4 --dtype float32 --compare-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | grep -E "vs |Error"
@@ -82,6 +87,17 @@ layouts)
   run tp2_ep2_all2all_graph --tensor-parallel-size 2 $EP --all2all-backend all2all --cuda-graph
   run tp2_ep2_allgather_reducescatter_graph --tensor-parallel-size 2 $EP --all2all-backend allgather_reducescatter --cuda-graph
   run tp2_no_ep --tensor-parallel-size 2
+  ;;
+nccl)
+  # NCCL's channels for the all2all's send/recv (default: NCCL_MIN_P2P_NCHANNELS 1): the all2all layouts at full
+  # size with more channels, in turn default / 16 / 32 / default. LAYOUT as for ab (default CFG2 + EP2 all2all).
+  LAYOUT="${*:2}"
+  FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50 ${LAYOUT:-$CFG2_EP2}"
+  for channels in default 16 32 default_again; do
+    echo "== NCCL_MIN_P2P_NCHANNELS=$channels"
+    if [[ $channels == default* ]]; then $T2 $FULL --json "$S/nccl_p2p_channels_$channels.json" 2>&1 | tee -a "$FULL_LOG" | tail -1
+    else NCCL_MIN_P2P_NCHANNELS=$channels $T2 $FULL --json "$S/nccl_p2p_channels_$channels.json" 2>&1 | tee -a "$FULL_LOG" | tail -1; fi
+  done
   ;;
 distil)
   # Instruct-Distil (dummy weights, 32 layers, 1024x1024, bf16, 8 steps): s/image with the VAE decode, peak memory
