@@ -113,7 +113,8 @@ class HunyuanUNetDown(nn.Module):
     def forward(self, latents: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if latents.dim() != 4:
             raise ValueError(f"latents must be [B, C, h, w], got shape {tuple(latents.shape)}")
-        x = torch.cat([self.model[1](self.model[0](latents[i : i + 1]), emb[i : i + 1]) for i in range(len(latents))])
+        samples = [self.model[1](self.model[0](latents[i : i + 1]), emb[i : i + 1]) for i in range(len(latents))]
+        x = samples[0] if len(samples) == 1 else torch.cat(samples)
         return x.flatten(2).transpose(1, 2)
 
 
