@@ -8,8 +8,9 @@
 #                                                 # named ones (about 50 s each)
 #   bash benchmarks/run_gpu_pipeline.sh profile [NAME LAYOUT...]   # the kernel-time breakdown, .ab_base's
 #                                                 # package and this one (about 4 min); default NAME cfg2_ep2_all2all
-#   bash benchmarks/run_gpu_pipeline.sh nccl [LAYOUT...]   # NCCL_MIN_P2P_NCHANNELS default / 16 / 32 / default,
-#                                                 # full size (about 4 min; LAYOUT as for ab)
+#   bash benchmarks/run_gpu_pipeline.sh nccl_collectives   # the collectives alone under NCCL settings (about 2 min)
+#   LAYOUT="..." bash benchmarks/run_gpu_pipeline.sh nccl "VAR=value ..." ...   # full size under NCCL's defaults,
+#                                                 # each setting, the defaults again (about 50 s a run)
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh ab [LAYOUT...]   # every package in .ab_base and this one, full size,
 #                                                 # in turn twice (about 2.5 min a package); LAYOUT:
@@ -88,15 +89,29 @@ layouts)
   run tp2_ep2_allgather_reducescatter_graph --tensor-parallel-size 2 $EP --all2all-backend allgather_reducescatter --cuda-graph
   run tp2_no_ep --tensor-parallel-size 2
   ;;
+nccl_collectives)
+  # The model's collectives alone (bench_collectives.py, [4097, 4096] bf16 per rank) under NCCL settings, and
+  # what NCCL saw of the machine (NCCL_DEBUG=INFO: transports, channels, protocols) in $OUT/nccl_debug.log.
+  C="timeout 120 torchrun --standalone --nproc-per-node 2 benchmarks/bench_collectives.py"
+  NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,GRAPH,TUNING $C --iters 3 > "$OUT/nccl_debug.log" 2>&1
+  sed -E 's/^.*NCCL INFO //' "$OUT/nccl_debug.log" | grep -E "NCCL version|via |nChannels|Channel 00|NVLS|P2P|proto|Pattern" \
+    | sort | uniq -c | head -40
+  i=0
+  for setting in "" "NCCL_PROTO=Simple" "NCCL_MIN_NCHANNELS=16 NCCL_MIN_P2P_NCHANNELS=16" \
+                 "NCCL_PROTO=Simple NCCL_MIN_NCHANNELS=16 NCCL_MIN_P2P_NCHANNELS=16" \
+                 "NCCL_MIN_NCHANNELS=32 NCCL_MIN_P2P_NCHANNELS=32" "NCCL_P2P_LEVEL=SYS"; do
+    i=$((i + 1)); echo "== ${setting:-default}"
+    env $setting $C --json "$S/nccl_collectives_$i.json" 2>&1 | tee -a "$FULL_LOG" | grep -v -E "^W|\*{5}|OMP_NUM"
+  done
+  ;;
 nccl)
-  # NCCL's channels for the all2all's send/recv (default: NCCL_MIN_P2P_NCHANNELS 1): the all2all layouts at full
-  # size with more channels, in turn default / 16 / 32 / default. LAYOUT as for ab (default CFG2 + EP2 all2all).
-  LAYOUT="${*:2}"
+  # nccl SETTING... : the full pipeline in turn with NCCL's defaults, under each SETTING (a string of VAR=value),
+  # and with the defaults again; layout $LAYOUT (bench_pipeline flags; default CFG2 + EP2 all2all).
   FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50 ${LAYOUT:-$CFG2_EP2}"
-  for channels in default 16 32 default_again; do
-    echo "== NCCL_MIN_P2P_NCHANNELS=$channels"
-    if [[ $channels == default* ]]; then $T2 $FULL --json "$S/nccl_p2p_channels_$channels.json" 2>&1 | tee -a "$FULL_LOG" | tail -1
-    else NCCL_MIN_P2P_NCHANNELS=$channels $T2 $FULL --json "$S/nccl_p2p_channels_$channels.json" 2>&1 | tee -a "$FULL_LOG" | tail -1; fi
+  i=0
+  for setting in "" "${@:2}" ""; do
+    i=$((i + 1)); echo "== ${setting:-default}"
+    env $setting $T2 $FULL --json "$S/nccl_pipeline_$i.json" 2>&1 | tee -a "$FULL_LOG" | tail -1
   done
   ;;
 distil)
