@@ -8,9 +8,11 @@ at 1024x1024, or one TP rank's row chunk of both):
   all_gather      [rows, H] -> [R x rows, H]: TP x EP before qkv_proj; the allgather_reducescatter dispatch
   reduce_scatter  [R x rows, H] -> [rows, H]: TP x EP after o_proj; the allgather_reducescatter combine
   all_reduce      [R x rows, H]: TP without EP after o_proj and the experts
-Each is timed over --iters calls after --warmup (CUDA events, median per call; CPU: wall clock) and checked
-once against what it must produce (small integers: exact in bf16). Bus bandwidth as nccl-tests defines it: bytes of the whole result / time,
-times (R - 1) / R, and 2 (R - 1) / R for all_reduce.
+Each is timed over --iters calls after --warmup (CUDA events, median per call, the slowest rank's; CPU: wall
+clock) and checked once against what it must produce (small integers: exact in bf16). Bus bandwidth as
+nccl-tests defines it: bytes of the whole result / time, times (R - 1) / R (2 (R - 1) / R for all_reduce); for
+the exchange, the bytes a rank receives / time. On a GPU rank 0 also times plain copies of x to the next GPU:
+what the links give without the library.
 
     torchrun --nproc-per-node 2 benchmarks/bench_collectives.py --json out.json
     NCCL_PROTO=Simple torchrun --nproc-per-node 2 benchmarks/bench_collectives.py   # one setting per run
@@ -97,6 +99,22 @@ def collectives(group: GroupCoordinator, x: torch.Tensor) -> dict:
     }
 
 
+def peer_copy_gb_per_s(x: torch.Tensor, iters: int) -> float | None:
+    """GB/s of plain device-to-device copies of x to the next GPU (the copy engines over NVLink or PCIe, no
+    library in between): what the links give. None without peer access."""
+    other = (x.device.index + 1) % torch.cuda.device_count()
+    if other == x.device.index or not torch.cuda.can_device_access_peer(x.device.index, other):
+        return None
+    y = torch.empty_like(x, device=torch.device("cuda", other))
+    y.copy_(x)
+    torch.cuda.synchronize(x.device), torch.cuda.synchronize(y.device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        y.copy_(x, non_blocking=True)
+    torch.cuda.synchronize(x.device), torch.cuda.synchronize(y.device)
+    return x.numel() * x.element_size() * iters / (time.perf_counter() - t0) / 1e9
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     device = torch.device(a.device)
@@ -121,6 +139,8 @@ def main(argv=None) -> int:
         ms = ms_max.item()
         rows.append(dict(collective=name, ms=ms, mib=nbytes / 2**20, bus_gb_per_s=nbytes / ms / 1e6 * bus_factor))
     settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL"))}
+    peer_gb_per_s = peer_copy_gb_per_s(x, a.iters) if device.type == "cuda" and rank == 0 else None
+    dist.barrier()
     if rank == 0:
         backend = (f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, {torch.cuda.get_device_name(device)}"
                    if device.type == "cuda" else "gloo, cpu")
@@ -129,9 +149,12 @@ def main(argv=None) -> int:
         print(f"{'collective':16s} {'ms':>9s} {'MiB':>8s} {'bus GB/s':>9s}")
         for row in rows:
             print(f"{row['collective']:16s} {row['ms']:9.4f} {row['mib']:8.1f} {row['bus_gb_per_s']:9.1f}")
+        if device.type == "cuda":
+            print("peer copy to the next GPU: " + ("no peer access" if peer_gb_per_s is None
+                                                   else f"{peer_gb_per_s:.1f} GB/s (x, copy engines)"))
         if a.json:
             meta = dict(date=datetime.date.today().isoformat(), backend=backend, torch=torch.__version__,
-                        world_size=world, args=vars(a), settings=settings)
+                        world_size=world, args=vars(a), settings=settings, peer_copy_gb_per_s=peer_gb_per_s)
             with open(a.json, "w") as f:
                 json.dump(dict(meta=meta, collectives=rows), f, indent=2)
     dist.destroy_process_group()
