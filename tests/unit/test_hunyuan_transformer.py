@@ -24,7 +24,13 @@ def model():
 
 
 @torch.no_grad()
-def test_forward_matches_independent_reference(model):
+@pytest.mark.parametrize("adapters", ["contiguous", "channels_last"])
+def test_forward_matches_independent_reference(model, adapters):
+    """Also with the adapters' conv weights channels-last, as the loader stores them on CUDA."""
+    if adapters == "channels_last":
+        model = load_transformer(tiny_checkpoint_path(), dtype=torch.float32, device="cpu").adapters_channels_last()
+        for conv in (model.patch_embed.model[0], model.final_layer.model[1][2]):
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     config, tensors = load_checkpoint_tensors(tiny_checkpoint_path())
     ids, latents, t, image_slice, ts_idx = tiny_inputs(config["vocab_size"], batch=2, h=3, w=4)
     got = model(latents, t, image_slice, ts_idx, input_ids=ids)

@@ -96,7 +96,8 @@ class HunyuanUNetDown(nn.Module):
 
     model.0 = Conv3x3(C -> P), model.1 = HunyuanResBlock(P -> D). One call per sample: for two samples at once
     cuDNN picks a kernel for the 3x3 convolutions that takes 1.6x as long as two one-sample calls on an H200
-    (benchmarks/results/adapters_h200.json; final_layer has no such gap).
+    (benchmarks/results/adapters_h200.json; final_layer has no such gap). With channels-last conv weights
+    (``HunyuanImage3Transformer2DModel.adapters_channels_last``) the latents go in channels-last too.
     """
 
     def __init__(
@@ -113,6 +114,8 @@ class HunyuanUNetDown(nn.Module):
     def forward(self, latents: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if latents.dim() != 4:
             raise ValueError(f"latents must be [B, C, h, w], got shape {tuple(latents.shape)}")
+        if self.model[0].weight.is_contiguous(memory_format=torch.channels_last):
+            latents = latents.contiguous(memory_format=torch.channels_last)
         samples = [self.model[1](self.model[0](latents[i : i + 1]), emb[i : i + 1]) for i in range(len(latents))]
         x = samples[0] if len(samples) == 1 else torch.cat(samples)
         return x.flatten(2).transpose(1, 2)

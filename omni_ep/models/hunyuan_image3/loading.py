@@ -444,6 +444,8 @@ def load_transformer(
         model.load_stats = load_weights(model, checkpoint)
     finally:
         checkpoint.close()
+    if device.type == "cuda":
+        model.adapters_channels_last()
     return model.eval()
 
 
