@@ -24,9 +24,8 @@ no repeat, the two outputs concatenated; (d) the model's call: q in [B, S, N, D]
 keys, row 0 overwritten by its own call (no concatenation, no transposing copy), also pinned to each SDPA
 backend (flash, efficient, cudnn). Max |out - (a)| is reported.
 
-Adapters (real widths, 64x64 grid, B = 1 and 2; weights drawn at std 1/sqrt(fan-in)): the model's modules
-(patch_embed one call per sample, final_layer one call) vs B samples in one call vs one call per sample vs
-channels-last activations and weights; checked against the model's.
+Adapters (real widths, 64x64 grid, B = 1 and 2; weights drawn at std 1/sqrt(fan-in)): B samples in one call vs
+one call per sample, conv weights and activations contiguous vs channels-last; checked against the first.
 
 A contender that raises is reported as "n/a: <reason>" and the rest go on. Exit code 1 when a Triton kernel
 raises or is off eager by more than rounding-order noise (16-bit outputs: over 1 ulp, or over 1% of elements not
@@ -326,9 +325,9 @@ def attention_benchmarks(a, device, dtype, bench) -> list[dict]:
 
 def adapter_benchmarks(a, device, dtype, bench) -> list[dict]:
     """patch_embed (latents [B, 32, h, w] -> tokens [B, h*w, H]) and final_layer (back), whose 3x3 convolutions
-    at H = 4096 are about 2 TFLOP per sample: B samples in one call, one call per sample (the model's
-    patch_embed), and the activations and weights channels-last (the tokens [B, h*w, H] are already [B, h, w, H]
-    in memory)."""
+    at H = 4096 are about 2 TFLOP per sample: B samples in one call or one call per sample, with the conv weights
+    and activations contiguous or channels-last (the tokens [B, h*w, H] are [B, h, w, H] in memory already). The
+    model on CUDA: patch_embed channels-last per sample, final_layer channels-last in one call."""
     C, P, H, side = 32, a.adapter_hidden, a.hidden, a.latent_size
     gen = torch.Generator(device).manual_seed(2)
     with torch.device(device):
@@ -338,16 +337,16 @@ def adapter_benchmarks(a, device, dtype, bench) -> list[dict]:
             param.data.normal_(0, param[0].numel() ** -0.5 if param.dim() > 1 else 0.1, generator=gen)
     down_cl, up_cl = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (down, up))
 
-    def one_call_tokens(latents, emb):  # patch_embed's B samples in one call (the model runs one per call)
-        return down.model[1](down.model[0](latents), emb).flatten(2).transpose(1, 2)
+    def tokens(module, channels_last):  # B samples in one call, written out (the module runs one per call)
+        def call(latents, emb):
+            if channels_last:
+                latents = latents.contiguous(memory_format=torch.channels_last)
+            return module.model[1](module.model[0](latents), emb).flatten(2).transpose(1, 2)
 
-    def channels_last_tokens(latents, emb):
-        x = down_cl.model[1](down_cl.model[0](latents.contiguous(memory_format=torch.channels_last)), emb)
-        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, H)  # a view: [B, h, w, H] memory
+        return call
 
-    def channels_last_velocity(hidden, emb):
-        x = hidden.view(hidden.shape[0], side, side, H).permute(0, 3, 1, 2)  # channels-last view, no copy
-        return up_cl.model[1](up_cl.model[0](x, emb))
+    def velocity(module):
+        return lambda hidden, emb: module(hidden, emb, side, side)
 
     def per_sample(fn):
         return lambda x, emb: torch.cat([fn(x[i : i + 1], emb[i : i + 1]) for i in range(x.shape[0])])
@@ -358,12 +357,11 @@ def adapter_benchmarks(a, device, dtype, bench) -> list[dict]:
         latents = torch.randn(B, C, side, side, device=device, dtype=dtype, generator=gen)
         hidden = torch.randn(B, side * side, H, device=device, dtype=dtype, generator=gen)
         emb = torch.randn(B, H, device=device, dtype=dtype, generator=gen)
-        patch_embed = {"per sample (model)": down, "batch": one_call_tokens, "channels_last": channels_last_tokens,
-                       "channels_last per sample": per_sample(channels_last_tokens)}
-        final_layer = {"batch (model)": lambda x, e: up(x, e, side, side),
-                       "per sample": per_sample(lambda x, e: up(x, e, side, side)),
-                       "channels_last": channels_last_velocity,
-                       "channels_last per sample": per_sample(channels_last_velocity)}
+        patch_embed = {"batch": tokens(down, False), "per sample": per_sample(tokens(down, False)),
+                       "channels_last batch": tokens(down_cl, True),
+                       "channels_last per sample": per_sample(tokens(down_cl, True))}
+        final_layer = {"batch": velocity(up), "per sample": per_sample(velocity(up)),
+                       "channels_last batch": velocity(up_cl), "channels_last per sample": per_sample(velocity(up_cl))}
         rows += run_contenders(f"patch_embed B={B}", patch_embed, (latents, emb), bench,
                                flops=2 * B * side * side * per_pixel["patch_embed"])
         rows += run_contenders(f"final_layer B={B}", final_layer, (hidden, emb), bench,
@@ -423,7 +421,7 @@ def main(argv=None) -> int:
         if "kernels" in row:
             print(f"  {row['contender']}: {row['kernels']}")
     if adapters:
-        print(f"\nadapters at a {a.latent_size}x{a.latent_size} latent grid, checked against the model's call")
+        print(f"\nadapters at a {a.latent_size}x{a.latent_size} latent grid, checked against one contiguous call")
         print_table(adapters, [("ms", ".4f"), ("tflops", ".0f"), ("max_rel_err", ".2e"), ("not_bit_equal", ".3%")])
     failures = [f"{r['op']}: {r['status'] if r['status'] != 'ok' else off_eager(r)}" for r in ops
                 if r["contender"] == "triton" and (r["status"] != "ok" or off_eager(r))]
