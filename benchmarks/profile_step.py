@@ -7,7 +7,8 @@ Runs one warm-up generation, then profiles a generation of --steps steps (step 0
 profiler on every rank. Kernel time is summed per category (expert kernels, element-wise, attention, NCCL, GEMMs,
 convolutions, other); idle is the share of the profiled window in which no kernel ran on the device (launch gaps,
 host syncs). The sequence-parallel exchanges (profiler ranges "ulysses_all_to_all", "ring_pass") get their own
-line: the NCCL kernel time inside the range's spans on the GPU, and its exposed part (when no other kernel runs).
+line: the NCCL kernel time inside the range's spans on the GPU, and its exposed part (when no other kernel runs);
+so does all the window's NCCL time ("all NCCL": the EP dispatch and combine, TP collectives).
 A replayed CUDA graph (--cuda-graph) has no ranges. Rank 0 prints its table; --json writes every rank's.
 """
 
@@ -75,11 +76,15 @@ def _exposed(intervals: list[Interval], others: list[Interval]) -> float:
 
 def exchange_times(annotations: list[tuple[float, float, str]], kernels: list[tuple[float, float, str]]) -> dict:
     """Per range of EXCHANGE_RANGES (ms): the NCCL kernel time inside the range's spans on the GPU timeline, and
-    the part of it during which no other kernel runs (exposed). annotations: (start, end, range name) of the
-    profiler's GPU-side user annotations; kernels: (start, end, kernel name)."""
+    the part of it during which no other kernel runs (exposed); "all NCCL": the same over the whole window.
+    annotations: (start, end, range name) of the profiler's GPU-side user annotations; kernels: (start, end,
+    kernel name)."""
     compute = [(s, e) for s, e, name in kernels if category(name) != "nccl"]
     nccl = [(s, e) for s, e, name in kernels if category(name) == "nccl"]
     out = {}
+    if nccl:  # every NCCL kernel of the window (the EP dispatch and combine, TP collectives, exchanges)
+        out["all NCCL"] = dict(kernel_ms=_length(_union(nccl)) / 1e3, exposed_ms=_exposed(nccl, compute) / 1e3,
+                               ranges=0)
     for label in EXCHANGE_RANGES:
         spans = _union([(s, e) for s, e, name in annotations if name == label])
         inside = [(max(s, a), min(e, b)) for s, e in nccl for a, b in spans if min(e, b) > max(s, a)]

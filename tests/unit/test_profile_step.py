@@ -27,7 +27,9 @@ def test_exchange_times():
     ]
     annotations = [(80, 140, "ulysses_all_to_all"), (310, 400, "ulysses_all_to_all"), (0, 400, "nccl:all_to_all")]
     out = profile_step.exchange_times(annotations, kernels)
-    assert set(out) == {"ulysses_all_to_all"}
+    assert set(out) == {"ulysses_all_to_all", "all NCCL"}
+    assert out["all NCCL"]["kernel_ms"] == pytest.approx(0.120)  # 40 + 60 + 20 us
+    assert out["all NCCL"]["exposed_ms"] == pytest.approx(0.105)  # 120 - 10 under the experts - 5 under the add
     assert out["ulysses_all_to_all"]["kernel_ms"] == pytest.approx(0.050)  # 40 + 10 us
     assert out["ulysses_all_to_all"]["exposed_ms"] == pytest.approx(0.035)  # 50 - 10 under the experts - 5 under the add
     assert out["ulysses_all_to_all"]["ranges"] == 2
