@@ -99,7 +99,8 @@ nccl_collectives)
   i=0
   for setting in "" "NCCL_PROTO=Simple" "NCCL_MIN_NCHANNELS=16 NCCL_MIN_P2P_NCHANNELS=16" \
                  "NCCL_PROTO=Simple NCCL_MIN_NCHANNELS=16 NCCL_MIN_P2P_NCHANNELS=16" \
-                 "NCCL_MIN_NCHANNELS=32 NCCL_MIN_P2P_NCHANNELS=32" "NCCL_P2P_LEVEL=SYS"; do
+                 "NCCL_MIN_NCHANNELS=32 NCCL_MIN_P2P_NCHANNELS=32" "NCCL_P2P_LEVEL=SYS" \
+                 "NCCL_P2P_LEVEL=SYS NCCL_PROTO=Simple NCCL_MIN_NCHANNELS=16 NCCL_MIN_P2P_NCHANNELS=16"; do
     i=$((i + 1)); echo "== ${setting:-default}"
     env $setting $C --json "$S/nccl_collectives_$i.json" 2>&1 | tee -a "$FULL_LOG" | grep -v -E "^W|\*{5}|OMP_NUM"
   done
