@@ -50,8 +50,9 @@ check)
   ;;
 agreement)
   # Real width, 4 layers, bf16: one GPU; CFG2 + EP2 and TP2 + EP2 vs the previous commit's on two GPUs and vs one
-  # GPU; ulysses 2 + EP2 vs one GPU; then fp32 on one GPU (TF32 off) vs bf16 on one GPU: the bf16 floor. 512x512 (image_base_size
-  # 512: the released 1024 snaps every size to its 1024-pixel buckets) and 10 steps: the fp32 run alone took 258 s.
+  # GPU; ulysses 2 + EP2 vs one GPU; then fp32 on one GPU (TF32 off) vs bf16 on one GPU: the bf16 floor. 512x512
+  # (image_base_size 512: the released 1024 snaps every size to its 1024-pixel buckets) and 10 steps: the fp32 run
+  # alone took 258 s.
   R4="--model real-dummy --layers 4 --image-base-size 512 --height 512 --width 512 --steps 10 --no-timing"
   $B $R4 --save-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1; echo "[${SECONDS} s]"
   # (.ab_base older than the dummy VAE drawn per name, commit 8e9f01d: only the latents compare, not the images.)
