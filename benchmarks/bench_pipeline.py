@@ -60,6 +60,9 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-parallel-size", type=int, default=1)
     p.add_argument("--enable-expert-parallel", action="store_true")
     p.add_argument("--all2all-backend", default="all2all")
+    p.add_argument("--expert-placement", default=None,
+                   help="linear (default), round_robin, or balanced (needs --expert-loads)")
+    p.add_argument("--expert-loads", default=None, help="the expert-loads JSON that placement balanced splits by")
     p.add_argument("--cuda-graph", action="store_true", help="replay the cached steps as a CUDA graph")
     p.add_argument("--experts-backend", default=None, help="local-experts implementation (default: the platform's)")
 
@@ -87,6 +90,20 @@ def make_model_dir(pkg: str, kind: str, layers: int, num_experts: int, directory
     return directory, "dummy"
 
 
+def placement_kwargs(args) -> dict:
+    """ParallelConfig's placement fields where given (a baseline package may not know them)."""
+    kw = dict(expert_placement=args.expert_placement, expert_loads=args.expert_loads)
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def expert_load_split(loads: dict[str, list[int]], state, args) -> str:
+    """The busiest rank's rows over an even split's, per placement, at EP = this run's world size."""
+    placement = importlib.import_module(f"{args.package}.layers.fused_moe.expert_placement")
+    ep = max(state.world_size, 2)
+    ratios = {p: placement.pacing_ratio(list(loads.values()), ep, p) for p in placement.EXPERT_PLACEMENTS}
+    return f"busiest rank's rows / even split at EP{ep}: " + ", ".join(f"{p} {r:.3f}" for p, r in ratios.items())
+
+
 def load_pipeline(args):
     """(pipeline, parallel state, world group, load seconds) of --package with the layout of args."""
     if args.image_base_size is not None and args.model != "real-dummy":
@@ -96,7 +113,8 @@ def load_pipeline(args):
     config = pkg.ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, ulysses_degree=args.ulysses_degree,
                                 ring_degree=args.ring_degree, cfg_parallel_size=args.cfg_parallel_size,
                                 data_parallel_size=args.data_parallel_size,
-                                enable_expert_parallel=args.enable_expert_parallel, all2all_backend=args.all2all_backend)
+                                enable_expert_parallel=args.enable_expert_parallel, all2all_backend=args.all2all_backend,
+                                **placement_kwargs(args))
     state = dist.init_parallel_state(config)
     world = dist.get_world_group()
     path = load_format = None
@@ -146,11 +164,26 @@ def main() -> None:
                    help="rank 0 compares its latents and images with each of these files")
     p.add_argument("--rtol", type=float, default=None, help="fail when the latents' relative error exceeds this")
     p.add_argument("--no-timing", action="store_true", help="only the --save/--compare generation")
+    p.add_argument("--record-expert-loads", default=None,
+                   help="first record the expert loads of one generation (another prompt than the timed one's, "
+                        "eager) into this JSON, for --expert-placement balanced")
     args = p.parse_args()
     pipe, state, world, load_s = load_pipeline(args)
     on_cuda = state.device.type == "cuda"
     step_timer = importlib.import_module(f"{args.package}.pipelines.step_timer")
     call = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, seed=0)
+
+    if args.record_expert_loads:
+        expert_loads = importlib.import_module(f"{args.package}.layers.fused_moe.expert_loads")
+        graphs, pipe.cuda_graphs = pipe.cuda_graphs, False
+        with expert_loads.record_expert_loads(pipe.transformer) as loads:
+            pipe(COMPARE_PROMPTS[0], num_inference_steps=args.steps, output_type="latent", **call)
+        pipe.cuda_graphs = graphs
+        if state.rank == 0:
+            expert_loads.write_expert_loads(args.record_expert_loads, loads, prompt=COMPARE_PROMPTS[0],
+                                            steps=args.steps, height=args.height, width=args.width)
+            rows_per_rank = expert_load_split(loads, state, args)
+            print(f"expert loads of {len(loads)} layers -> {args.record_expert_loads}; " + rows_per_rank)
 
     row = None
     if not args.no_timing:

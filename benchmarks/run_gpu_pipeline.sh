@@ -11,6 +11,8 @@
 #   bash benchmarks/run_gpu_pipeline.sh nccl_collectives   # the collectives alone under NCCL settings (about 2 min)
 #   LAYOUT="..." bash benchmarks/run_gpu_pipeline.sh nccl "VAR=value ..." ...   # full size under NCCL's defaults,
 #                                                 # each setting, the defaults again (about 50 s a run)
+#   bash benchmarks/run_gpu_pipeline.sh balanced  # expert loads recorded, placement linear vs balanced, full size
+#                                                 # (about 8 min)
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh ab [LAYOUT...]   # every package in .ab_base and this one, full size,
 #                                                 # in turn twice (about 2.5 min a package); LAYOUT:
@@ -115,6 +117,26 @@ nccl)
     i=$((i + 1)); echo "== ${setting:-default}"
     env $setting $T2 $FULL --json "$S/nccl_pipeline_$i.json" 2>&1 | tee -a "$FULL_LOG" | tail -1
   done
+  ;;
+balanced)
+  # Expert placement "balanced": the expert loads of one 50-step image (another prompt than the timed one's)
+  # recorded under CFG2 + EP2, then linear / balanced / balanced / linear for CFG2 + EP2 all2all (eager) and
+  # TP2 + EP2 all2all (CUDA graph), and the profile of CFG2 + EP2 balanced (about 8 min).
+  FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"
+  LOADS=$OUT/expert_loads_real_dummy_2xh200.json
+  $T2 $FULL $CFG2_EP2 --no-timing --record-expert-loads "$LOADS" 2>&1 | tee -a "$FULL_LOG" | grep -E "expert loads|Error"
+  BAL="--expert-placement balanced --expert-loads $LOADS"
+  for layout in cfg2_ep2_all2all tp2_ep2_all2all_graph; do
+    flags=$([ $layout = cfg2_ep2_all2all ] && echo "$CFG2_EP2" || echo "--tensor-parallel-size 2 $EP --all2all-backend all2all --cuda-graph")
+    i=0
+    for placement in linear balanced balanced linear; do
+      i=$((i + 1)); echo "== $layout $placement ($i)"
+      $T2 $FULL $flags $([ $placement = balanced ] && echo "$BAL") --json "$S/balanced_${layout}_${i}_$placement.json" 2>&1 \
+        | tee -a "$FULL_LOG" | tail -1
+    done
+  done
+  timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py $FULL --steps 12 --from-step 3 $CFG2_EP2 $BAL \
+    --json "$OUT/profile_2xh200_cfg2_ep2_all2all_balanced.json" 2>&1 | tee -a "$FULL_LOG" | grep -E "window|experts  |nccl  |NCCL"
   ;;
 distil)
   # Instruct-Distil (dummy weights, 32 layers, 1024x1024, bf16, 8 steps): s/image with the VAE decode, peak memory

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ALL2ALL_BACKENDS = ("allgather_reducescatter", "all2all")
-EXPERT_PLACEMENTS = ("linear", "round_robin")
+EXPERT_PLACEMENTS = ("linear", "round_robin", "balanced")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class ParallelConfig:
     enable_expert_parallel: bool = False
     all2all_backend: str = "all2all"  # sparse: each token once to each rank holding one of its experts
     expert_placement: str = "linear"
+    expert_loads: str | None = None  # placement "balanced": the JSON of recorded expert loads (expert_loads.py)
 
     def __post_init__(self):
         for name in (
@@ -49,6 +50,12 @@ class ParallelConfig:
         if self.expert_placement not in EXPERT_PLACEMENTS:
             raise ValueError(
                 f"unknown expert_placement {self.expert_placement!r}; choose one of {', '.join(EXPERT_PLACEMENTS)}"
+            )
+        if (self.expert_placement == "balanced") != (self.expert_loads is not None):
+            raise ValueError(
+                'expert_placement "balanced" needs expert_loads (a JSON of recorded expert loads: '
+                "--record-expert-loads), and expert_loads needs expert_placement \"balanced\"; got "
+                f"expert_placement={self.expert_placement!r}, expert_loads={self.expert_loads!r}"
             )
 
     @property

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import PIL.Image
@@ -70,7 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--all2all-backend", default="all2all", choices=ALL2ALL_BACKENDS,
                    help="how tokens reach their experts' ranks (all2all: sparse, the faster on 2 x H200)")
     p.add_argument("--expert-placement", default="linear", choices=EXPERT_PLACEMENTS,
-                   help="which experts each EP rank holds: contiguous blocks or round robin")
+                   help="which experts each EP rank holds: contiguous blocks, round robin, or balanced per layer "
+                        "by recorded expert loads (--expert-loads)")
+    p.add_argument("--expert-loads", default=None,
+                   help="the expert-loads JSON that --expert-placement balanced splits by (--record-expert-loads)")
+    p.add_argument("--record-expert-loads", default=None,
+                   help="write the rows routed to each expert of each layer in this run to this JSON (rank 0)")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                    help="weights; auto: float32 on a CPU, bfloat16 on a GPU (the VAE decoder stays float32 on a CPU)")
     p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
@@ -103,6 +109,7 @@ def check_before_loading(args):
     """Stage 1, on every rank before any collective: (layout, model config, variant, request, output paths)."""
     from transformers import PreTrainedTokenizerFast
 
+    from omni_ep.layers.fused_moe.expert_loads import read_expert_loads
     from omni_ep.models.hunyuan_image3 import HunyuanImage3Config
     from omni_ep.models.hunyuan_image3.loading import check_supported_layout
     from omni_ep.pipelines.hunyuan_image3.inputs import check_inputs, warn_if_resized
@@ -113,11 +120,16 @@ def check_before_loading(args):
         ring_degree=args.ring_degree, cfg_parallel_size=args.cfg_parallel_size,
         data_parallel_size=args.data_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, all2all_backend=args.all2all_backend,
-        expert_placement=args.expert_placement)
+        expert_placement=args.expert_placement, expert_loads=args.expert_loads)
     check_supported_layout(layout)
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r}: no such checkpoint folder")
     config = HunyuanImage3Config.from_pretrained(args.model)
+    if args.expert_loads is not None:
+        loads = read_expert_loads(args.expert_loads)
+        if any(len(counts) != config.num_experts for counts in loads.values()):
+            raise ValueError(f"--expert-loads {args.expert_loads!r} was recorded for another number of experts than "
+                             f"this model's {config.num_experts}")
     variant = HunyuanImage3Variant.from_pretrained(args.model)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.model)
     request = check_inputs(config, tokenizer, layout, variant, args.prompt, height=args.height, width=args.width,
@@ -127,6 +139,11 @@ def check_before_loading(args):
     layout.check_world_size(int(os.environ.get("WORLD_SIZE", 1)))  # init_parallel_state checks it too, later
     warn_if_resized(request)
     paths = [] if args.print_layout else output_paths(args.output, request.num_images)
+    if args.record_expert_loads is not None:
+        folder = os.path.dirname(os.path.abspath(args.record_expert_loads))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"--record-expert-loads {args.record_expert_loads!r}: the folder {folder!r} is not a "
+                             "writable folder")
     return layout, config, variant, request, paths
 
 
@@ -146,9 +163,12 @@ def print_layout(layout: ParallelConfig, config, model: str) -> None:
     for name, groups in all_rank_groups(layout).items():
         if max(len(g) for g in groups) > 1:
             logger.info("  %s groups: %s", name, groups)
-    placement = experts_per_rank(config.num_experts, layout.expert_parallel_size, layout.expert_placement)
+    placement = (None if layout.expert_placement == "balanced"
+                 else experts_per_rank(config.num_experts, layout.expert_parallel_size, layout.expert_placement))
     for rank, ep_rank, total, experts in rows:
-        held = (f"experts {placement[ep_rank]}" if layout.enable_expert_parallel
+        held = (f"experts {placement[ep_rank]}" if placement and layout.enable_expert_parallel
+                else f"{config.num_experts // layout.expert_parallel_size} experts a layer, balanced per layer by "
+                     f"{layout.expert_loads}" if layout.enable_expert_parallel
                 else f"all {config.num_experts} experts, 1/{layout.tensor_parallel_size} of each")
         logger.info("  rank %d: ep_rank %d, %s; would read %s (%s of experts)", rank, ep_rank, held,
                     megabytes(total), megabytes(experts))
@@ -187,6 +207,7 @@ def main(argv=None) -> int:
             return 0
 
         # 3. load: each rank its share
+        from omni_ep.layers.fused_moe.expert_loads import record_expert_loads, write_expert_loads
         from omni_ep.pipelines import HunyuanImage3Pipeline  # diffusers: seconds to import, so after the checks
 
         start = time.perf_counter()
@@ -205,19 +226,25 @@ def main(argv=None) -> int:
         logger.info("model: %s (%s template), defaults %d steps, guidance %s", variant.name, variant.template.name,
                     variant.num_inference_steps, variant.guidance_scale)
         logger.info("experts: %d per layer, %d local per rank", config.num_experts, experts.local_num_experts)
+        which = " of layer 0" if layout.expert_placement == "balanced" else ""  # balanced: each layer its own
         for rank, ep_rank, ids, total, expert_bytes, seconds in rows:
-            logger.info("  rank %d: ep_rank %d, experts %s; read %s (%s of experts) in %.1f s", rank, ep_rank, ids,
-                        megabytes(total), megabytes(expert_bytes), seconds)
+            logger.info("  rank %d: ep_rank %d, experts%s %s; read %s (%s of experts) in %.1f s", rank, ep_rank, which,
+                        ids, megabytes(total), megabytes(expert_bytes), seconds)
 
         # 4. generate
         timer = StepTimer(state.device)
         start = time.perf_counter()
-        out = pipe(request.prompts, height=request.height, width=request.width,
-                   num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
-                   negative_prompt=args.negative_prompt, num_images_per_prompt=request.num_images_per_prompt,
-                   seed=args.seed, callback_on_step_end=timer, system_prompt=args.system_prompt,
-                   recaption=args.recaption)
+        with record_expert_loads(pipe.transformer) if args.record_expert_loads else nullcontext() as loads:
+            out = pipe(request.prompts, height=request.height, width=request.width,
+                       num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+                       negative_prompt=args.negative_prompt, num_images_per_prompt=request.num_images_per_prompt,
+                       seed=args.seed, callback_on_step_end=timer, system_prompt=args.system_prompt,
+                       recaption=args.recaption)
         total = time.perf_counter() - start
+        if loads is not None and state.rank == 0:
+            write_expert_loads(args.record_expert_loads, loads, prompts=request.prompts, height=request.height,
+                               width=request.width, steps=request.num_inference_steps)
+            logger.info("wrote the expert loads of %d layers to %s", len(loads), args.record_expert_loads)
         peaks = get_world_group().all_gather_object((state.rank, peak_memory_gib(state.device)))
         first, later = timer.first_step_seconds, timer.later_step_seconds
         later_mean = f"{sum(later) / len(later):.3f} s" if later else "-"

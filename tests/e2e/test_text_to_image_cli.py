@@ -4,6 +4,7 @@ The README's command runs the demo checkpoint (checkpoints/hunyuan-image3-demo) 
 its prompt; torchrun ranks must draw the same. Bad input fails on every rank, before any weight is read.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -82,12 +83,17 @@ def test_readme_command_draws_the_training_picture_of_its_prompt(readme_png):
 @pytest.mark.timeout(600)
 def test_cli_under_torchrun_matches_single_process(readme_png, tmp_path):
     """One torchrun launch (the layout matrix runs in process in test_text_to_image_layouts.py): the demo on CFG2 +
-    EP2 with the all-to-all dispatch, two prompts, -q; the first image equals the README command's."""
-    out = tmp_path / "out.png"
+    EP2 with the all-to-all dispatch, two prompts, -q, the expert loads recorded; the first image equals the README
+    command's."""
+    out, loads = tmp_path / "out.png", tmp_path / "loads.json"
     proc = run(["--prompt", README_PROMPT, "a ginger cat with big green eyes", "--output", str(out), "-q", "--cfg-parallel-size", "2",
-                "--enable-expert-parallel", "--all2all-backend", "all2all"], nproc=2)
+                "--enable-expert-parallel", "--all2all-backend", "all2all", "--record-expert-loads", str(loads)], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "INFO" not in proc.stderr  # -q: warnings and errors only
+    # Every layer routed the same rows: 2 prompts x 2 CFG rows x 50 steps x the tokens of a step x top-k.
+    counts = json.loads(loads.read_text())["layers"]
+    assert len(counts) == 2 and all(len(c) == 8 for c in counts.values())
+    assert len({sum(c) for c in counts.values()}) == 1 and sum(next(iter(counts.values()))) > 2 * 2 * 50 * 2
     a, b = load(out.with_name("out_0.png")), load(readme_png[0])
     print(f"torchrun CFG2+EP2 vs one process: PSNR {psnr(a, b):.1f} dB")
     assert psnr(a, b) >= MIN_PSNR
@@ -131,9 +137,11 @@ def weightless(tiny_checkpoint, tmp_path_factory):
         (1, ["--cfg-parallel-size", "2", "--guidance-scale", "1"], "needs guidance_scale > 1"),
         (1, ["--prompt", "word " * 2000], "more than the model's max_position_embeddings (2048)"),
         (1, ["--output", "{model}/config.json/out.png"], "cannot make the folder"),
+        (2, ["--enable-expert-parallel", "--tensor-parallel-size", "2", "--expert-placement", "balanced",
+             "--expert-loads", "{model}/config.json"], "is not an expert-loads file"),
     ],
     ids=["height", "missing-model", "layout-vs-nproc", "empty-prompt-list", "pipeline-parallel",
-         "cfg-parallel-without-guidance", "prompt-too-long", "output-folder"],
+         "cfg-parallel-without-guidance", "prompt-too-long", "output-folder", "expert-loads"],
 )
 def test_cli_bad_input_fails_on_every_rank_before_reading_weights(nproc, args, message, weightless):
     args = [a.format(model=weightless) for a in args]

@@ -12,6 +12,8 @@ import torch
 
 from omni_ep.config import ParallelConfig
 from omni_ep.distributed import destroy_parallel_state, init_parallel_state
+from omni_ep.layers.fused_moe.expert_loads import write_expert_loads
+from omni_ep.models.hunyuan_image3 import HunyuanImage3Config
 from omni_ep.pipelines import HunyuanImage3Pipeline
 from tests.e2e.image_quality import psnr, ssim
 from tests.launcher import run_ranks
@@ -41,6 +43,7 @@ LAYOUTS = {
         "U2+EP": ("base", dict(ulysses_degree=2), BACKENDS),
         "R2+EP": ("base", dict(ring_degree=2), BACKENDS),
         "U2": ("base", dict(ulysses_degree=2, **NO_EP), ()),
+        "CFG2+EP balanced": ("base", dict(cfg_parallel_size=2, expert_placement="balanced"), ("all2all",)),
         "Distil TP2+EP": ("distil", dict(tensor_parallel_size=2), ("all2all",)),
         "Distil DP2+EP": ("distil", dict(data_parallel_size=2), ("allgather_reducescatter",)),
         "Distil U2+EP 2 images": ("distil", dict(ulysses_degree=2), ("all2all",))},
@@ -107,6 +110,8 @@ def layout_worker(rank, world_size, paths):
         prompts, call = ([LONG_PROMPT], LONG_CALL) if name in LONG_PROMPT_LAYOUTS else (PROMPTS_OF[checkpoint][:1], CALL)
         prompts = PROMPTS_OF[checkpoint] if "DP" in name else prompts
         kw = dict(enable_expert_parallel=True) | kw
+        if kw.get("expert_placement") == "balanced":
+            kw["expert_loads"] = paths["expert_loads"]
         sequence_parallel = kw.get("ulysses_degree", 1) * kw.get("ring_degree", 1) > 1
         decode = not sequence_parallel or run in DECODED_SP_RUNS
         config = ParallelConfig(**kw) if backend is None else ParallelConfig(all2all_backend=backend, **kw)
@@ -145,8 +150,12 @@ def test_distil_reference_is_not_trivial(distil_reference, reference):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_parallel_layouts_match_single_process(world_size, tiny_checkpoint, tiny_distil_checkpoint, reference,
-                                               distil_reference, long_prompt_reference):
-    paths = {"base": tiny_checkpoint, "distil": tiny_distil_checkpoint}
+                                               distil_reference, long_prompt_reference, tmp_path):
+    paths = {"base": tiny_checkpoint, "distil": tiny_distil_checkpoint, "expert_loads": str(tmp_path / "loads.json")}
+    # Loads that place each layer's experts differently (layer 0: [0, 3, 6, 7] / [1, 2, 4, 5], layer 1 reversed).
+    loads = [900, 10, 20, 30, 800, 700, 40, 50]
+    write_expert_loads(paths["expert_loads"], {f"model.layers.{i}.mlp.experts": loads[::(-1) ** i]
+                                               for i in range(HunyuanImage3Config.from_pretrained(tiny_checkpoint).num_hidden_layers)})
     (results,) = [r for r in run_ranks(layout_worker, world_size, paths, timeout=800) if r is not None]
     assert sorted(results) == sorted(run for run, *_ in runs_of(world_size))
     for run, checkpoint, _, backend in runs_of(world_size):

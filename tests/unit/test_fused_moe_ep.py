@@ -4,6 +4,9 @@ One spawn per world size; inside it every layout x backend x placement x routing
 (the default process group is reused, the parallel state rebuilt per layout), to keep the suite fast.
 """
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -12,6 +15,8 @@ from omni_ep.distributed import destroy_parallel_state, get_tp_group, init_paral
 from omni_ep.distributed.row_chunks import row_chunk
 from omni_ep.forward_context import set_forward_context
 from omni_ep.layers.fused_moe import FusedMoE, select_experts
+from omni_ep.layers.fused_moe.expert_loads import record_expert_loads, write_expert_loads
+from omni_ep.layers.fused_moe.expert_placement import balanced_experts_per_rank
 from omni_ep.layers.fused_moe.experts.torch_experts import TorchExperts
 from tests.launcher import run_ranks
 
@@ -65,15 +70,24 @@ LAYOUTS = {
     4: [dict(tensor_parallel_size=2, cfg_parallel_size=2), dict(data_parallel_size=4),
         dict(tensor_parallel_size=2, data_parallel_size=2)],
 }
+PLACEMENTS = ("linear", "round_robin", "balanced")
 CASES = [("random", 2), ("one_expert", 1), ("one_expert", 2), ("zero_on_rank1", 2), ("all_experts", E)]
+
+
+# Placement "balanced" by these loads (the layer's prefix is ""): neither blocks nor round robin on 2 or 4 ranks.
+BALANCED_LOADS = [900, 10, 20, 30, 800, 700, 40, 50]
 
 
 def ep_worker(rank, world_size):
     report = []
+    loads_path = os.path.join(tempfile.mkdtemp(), "loads.json")
+    write_expert_loads(loads_path, {"": BALANCED_LOADS})
     for kw in LAYOUTS[world_size]:
         for backend in ("allgather_reducescatter", "all2all"):
-            for placement in ("linear", "round_robin"):
-                cfg = ParallelConfig(enable_expert_parallel=True, all2all_backend=backend, expert_placement=placement, **kw)
+            for placement in PLACEMENTS:
+                loads = loads_path if placement == "balanced" else None
+                cfg = ParallelConfig(enable_expert_parallel=True, all2all_backend=backend, expert_placement=placement,
+                                     expert_loads=loads, **kw)
                 state = init_parallel_state(cfg)
                 data_rank = rank // cfg.tensor_parallel_size  # TP peers hold the same tokens
                 # Linear placement: token counts asked from the ranks, router logits of every token. Round robin:
@@ -82,17 +96,24 @@ def ep_worker(rank, world_size):
                 for case, top_k in CASES:
                     layer = FusedMoE(E, top_k, H, I, params_dtype=torch.float32)
                     load_layer(layer)
+                    if placement == "balanced":
+                        assert layer.local_expert_ids == balanced_experts_per_rank(BALANCED_LOADS, world_size)[layer.ep_rank]
                     x, logits = tokens(case, data_rank, top_k)
                     bound = max(tokens(case, d, top_k)[0].shape[0] for d in range(world_size // cfg.tensor_parallel_size))
                     start, end = layer.routed_rows(x.shape[0]) if known_bound else (0, x.shape[0])
                     rows = slice(*layer.routed_rows(x.shape[0]))
                     with set_forward_context(max_tokens_across_ep=bound if known_bound else None):
-                        out = layer(x, logits[start:end])
+                        with record_expert_loads(layer) as recorded:
+                            out = layer(x, logits[start:end])
                         # The routed rows alone, not joined over TP (the decoder layer's TP row chunks), with a
                         # shared expert.
                         out_rows = layer.forward_routed_rows(x[rows], logits[rows], shared_experts=torch.tanh)
                     ref = reference(x, logits, top_k)
                     torch.testing.assert_close(out_rows, ref[rows] + torch.tanh(x[rows]), rtol=RTOL, atol=1e-6)
+                    # The recorded loads count forward's routing alone, every data rank's tokens once.
+                    every_ids = torch.cat([select_experts(tokens(case, d, top_k)[1], top_k)[1].flatten()
+                                           for d in range(world_size // cfg.tensor_parallel_size)])
+                    assert recorded == {"": torch.bincount(every_ids, minlength=E).tolist()}, (kw, case)
                     err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.shape[0] else 0.0
                     assert out.shape == x.shape, (kw, backend, case)
                     assert err <= RTOL, f"{kw} {backend} {placement} {case} top{top_k}: rel err {err:.2e}"
@@ -144,10 +165,10 @@ def tp_worker(rank, world_size):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_expert_parallel_matches_single_process_on_every_rank(world_size):
-    """Every layout x backend x placement x routing case against one process, then the bad configurations of
+    """Every layout x backend x placement x routing case against one process (and the loads recorded), then the bad configurations of
     this world size: each must fail on every rank with its message, before any collective (no hang)."""
     results = run_ranks(ep_worker, world_size, timeout=500)
-    n = len(LAYOUTS[world_size]) * 2 * 2 * len(CASES)
+    n = len(LAYOUTS[world_size]) * 2 * len(PLACEMENTS) * len(CASES)
     assert all(len(report) == n for report, _ in results)
     worst = max(row[-1] for report, _ in results for row in report)
     print(f"EP over {world_size} ranks: {n} cases per rank, worst relative error {worst:.2e}")

@@ -101,6 +101,8 @@ def test_unknown_dimension_is_refused():
         (dict(cfg_parallel_size=3), "cfg_parallel_size must be 1 or 2"),
         (dict(all2all_backend="deepep"), "unknown all2all_backend 'deepep'"),
         (dict(expert_placement="random"), "unknown expert_placement 'random'"),
+        (dict(expert_placement="balanced"), '"balanced" needs expert_loads'),
+        (dict(expert_loads="loads.json"), "expert_loads needs expert_placement"),
     ],
 )
 def test_bad_config_says_what_to_change(kw, match):

@@ -25,6 +25,7 @@ from omni_ep.distributed import get_ep_group, get_parallel_config, get_tp_group
 from omni_ep.distributed.row_chunks import row_chunk
 from omni_ep.forward_context import get_forward_context
 from omni_ep.layers.fused_moe.dispatch import get_dispatcher_cls
+from omni_ep.layers.fused_moe.expert_loads import read_layer_loads
 from omni_ep.layers.fused_moe.expert_placement import (
     build_expert_map,
     build_expert_owner,
@@ -73,7 +74,8 @@ class FusedMoE(nn.Module):
         self.ep_rank, self.ep_size = self.ep_group.rank, ep_size
         self.tp_rank, self.tp_size = self.tp_group.rank, tp_size
 
-        placement = experts_per_rank(num_experts, ep_size, config.expert_placement)
+        loads = read_layer_loads(config.expert_loads, prefix, num_experts) if config.expert_loads else None
+        placement = experts_per_rank(num_experts, ep_size, config.expert_placement, loads)
         self.local_expert_ids: list[int] = placement[self.ep_rank]
         self.local_num_experts = len(self.local_expert_ids)
         # Derived from the placement, rebuilt per device: never a checkpoint entry, survives meta init.
@@ -91,6 +93,7 @@ class FusedMoE(nn.Module):
         self.dispatcher = dispatcher_cls(self.ep_group, self._expert_map, self._expert_owner)
         self._requested_experts_backend = experts_backend
         self._experts = None
+        self.recorded_loads_E: torch.Tensor | None = None  # int64 [E] while record_expert_loads counts routed rows
 
     # ---- placement -------------------------------------------------------------------------------------
     @property
@@ -180,6 +183,9 @@ class FusedMoE(nn.Module):
         rows ``shared_rows`` of the result (all of them when None). The shared experts run while the dispatch is
         in flight."""
         topk_weights_TK, topk_ids_TK = select_experts(logits_TE, self.top_k, self.renormalize)
+        if self.recorded_loads_E is not None:
+            ids = topk_ids_TK.reshape(-1).long()
+            self.recorded_loads_E.scatter_add_(0, ids, torch.ones_like(ids))
         pending = self.dispatcher.dispatch_async(x_TH, topk_ids_TK, topk_weights_TK, self._token_bound())
         shared_CH = shared_experts(x_shared_CH) if shared_experts is not None else None
         dispatched = pending.wait()
