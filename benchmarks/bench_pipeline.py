@@ -165,8 +165,8 @@ def main() -> None:
     p.add_argument("--rtol", type=float, default=None, help="fail when the latents' relative error exceeds this")
     p.add_argument("--no-timing", action="store_true", help="only the --save/--compare generation")
     p.add_argument("--record-expert-loads", default=None,
-                   help="first record the expert loads of one generation (another prompt than the timed one's, "
-                        "eager) into this JSON, for --expert-placement balanced")
+                   help="first record the expert loads of one generation (another prompt than the timed one's) "
+                        "into this JSON, for --expert-placement balanced")
     args = p.parse_args()
     pipe, state, world, load_s = load_pipeline(args)
     on_cuda = state.device.type == "cuda"
@@ -175,10 +175,8 @@ def main() -> None:
 
     if args.record_expert_loads:
         expert_loads = importlib.import_module(f"{args.package}.layers.fused_moe.expert_loads")
-        graphs, pipe.cuda_graphs = pipe.cuda_graphs, False
         with expert_loads.record_expert_loads(pipe.transformer) as loads:
             pipe(COMPARE_PROMPTS[0], num_inference_steps=args.steps, output_type="latent", **call)
-        pipe.cuda_graphs = graphs
         if state.rank == 0:
             expert_loads.write_expert_loads(args.record_expert_loads, loads, prompt=COMPARE_PROMPTS[0],
                                             steps=args.steps, height=args.height, width=args.width)

@@ -4,13 +4,11 @@
 #   bash benchmarks/run_gpu_pipeline.sh agreement # real width, 4 layers, bf16: 2 GPUs vs 1 and vs .ab_base, and the
 #                                                 # bf16 floor (vs fp32 on 1 GPU) (about 8 min)
 #   bash benchmarks/run_gpu_pipeline.sh agreement_fp32  # real width, 4 layers, fp32: EP2 layouts vs 1 GPU (untimed)
-#   bash benchmarks/run_gpu_pipeline.sh layouts [NAME...]  # full size, 1024x1024, 50 steps, every layout or the
-#                                                 # named ones (about 50 s each)
+#   bash benchmarks/run_gpu_pipeline.sh layouts [NAME...]  # full size, 1024x1024, 50 steps, every layout (and
+#                                                 # two with placement balanced) or the named ones (about 50 s each)
 #   bash benchmarks/run_gpu_pipeline.sh profile [NAME LAYOUT...]   # the kernel-time breakdown, .ab_base's
 #                                                 # package and this one (about 4 min); default NAME cfg2_ep2_all2all
 #   bash benchmarks/run_gpu_pipeline.sh nccl_collectives   # the collectives alone under NCCL settings (about 2 min)
-#   LAYOUT="..." bash benchmarks/run_gpu_pipeline.sh nccl "VAR=value ..." ...   # full size under NCCL's defaults,
-#                                                 # each setting, the defaults again (about 50 s a run)
 #   bash benchmarks/run_gpu_pipeline.sh balanced  # expert loads recorded, placement linear vs balanced, full size
 #                                                 # (about 8 min)
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
@@ -91,6 +89,10 @@ layouts)
   run tp2_ep2_all2all_graph --tensor-parallel-size 2 $EP --all2all-backend all2all --cuda-graph
   run tp2_ep2_allgather_reducescatter_graph --tensor-parallel-size 2 $EP --all2all-backend allgather_reducescatter --cuda-graph
   run tp2_no_ep --tensor-parallel-size 2
+  # Placement balanced by the loads the balanced stage recorded (32 layers, 64 experts, dummy weights).
+  BAL="--expert-placement balanced --expert-loads benchmarks/results/expert_loads_real_dummy_2xh200.json"
+  run cfg2_ep2_all2all_balanced $CFG2_EP2 $BAL
+  run tp2_ep2_all2all_graph_balanced --tensor-parallel-size 2 $EP --all2all-backend all2all --cuda-graph $BAL
   ;;
 nccl_collectives)
   # The model's collectives alone (bench_collectives.py, [4097, 4096] bf16 per rank) under NCCL settings, and
@@ -106,16 +108,6 @@ nccl_collectives)
                  "NCCL_P2P_LEVEL=SYS NCCL_PROTO=Simple NCCL_MIN_NCHANNELS=16 NCCL_MIN_P2P_NCHANNELS=16"; do
     i=$((i + 1)); echo "== ${setting:-default}"
     env $setting $C --json "$S/nccl_collectives_$i.json" 2>&1 | tee -a "$FULL_LOG" | grep -v -E "^W|\*{5}|OMP_NUM"
-  done
-  ;;
-nccl)
-  # nccl SETTING... : the full pipeline in turn with NCCL's defaults, under each SETTING (a string of VAR=value),
-  # and with the defaults again; layout $LAYOUT (bench_pipeline flags; default CFG2 + EP2 all2all).
-  FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50 ${LAYOUT:-$CFG2_EP2}"
-  i=0
-  for setting in "" "${@:2}" ""; do
-    i=$((i + 1)); echo "== ${setting:-default}"
-    env $setting $T2 $FULL --json "$S/nccl_pipeline_$i.json" 2>&1 | tee -a "$FULL_LOG" | tail -1
   done
   ;;
 balanced)

@@ -125,7 +125,7 @@ def check_before_loading(args):
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r}: no such checkpoint folder")
     config = HunyuanImage3Config.from_pretrained(args.model)
-    if args.expert_loads is not None:
+    if args.expert_loads is not None:  # each layer's entry is checked when the layer is built
         loads = read_expert_loads(args.expert_loads)
         if any(len(counts) != config.num_experts for counts in loads.values()):
             raise ValueError(f"--expert-loads {args.expert_loads!r} was recorded for another number of experts than "
@@ -141,6 +141,10 @@ def check_before_loading(args):
     paths = [] if args.print_layout else output_paths(args.output, request.num_images)
     if args.record_expert_loads is not None:
         folder = os.path.dirname(os.path.abspath(args.record_expert_loads))
+        if args.print_layout:
+            raise ValueError("--record-expert-loads needs a generation; --print-layout runs none")
+        if os.path.isdir(args.record_expert_loads):
+            raise ValueError(f"--record-expert-loads {args.record_expert_loads!r} is a folder; give a file name")
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise ValueError(f"--record-expert-loads {args.record_expert_loads!r}: the folder {folder!r} is not a "
                              "writable folder")
@@ -163,13 +167,15 @@ def print_layout(layout: ParallelConfig, config, model: str) -> None:
     for name, groups in all_rank_groups(layout).items():
         if max(len(g) for g in groups) > 1:
             logger.info("  %s groups: %s", name, groups)
-    placement = (None if layout.expert_placement == "balanced"
-                 else experts_per_rank(config.num_experts, layout.expert_parallel_size, layout.expert_placement))
     for rank, ep_rank, total, experts in rows:
-        held = (f"experts {placement[ep_rank]}" if placement and layout.enable_expert_parallel
-                else f"{config.num_experts // layout.expert_parallel_size} experts a layer, balanced per layer by "
-                     f"{layout.expert_loads}" if layout.enable_expert_parallel
-                else f"all {config.num_experts} experts, 1/{layout.tensor_parallel_size} of each")
+        if not layout.enable_expert_parallel:
+            held = f"all {config.num_experts} experts, 1/{layout.tensor_parallel_size} of each"
+        elif layout.expert_placement == "balanced":  # each layer its own experts
+            held = (f"{config.num_experts // layout.expert_parallel_size} experts a layer, balanced per layer by "
+                    f"{layout.expert_loads}")
+        else:
+            placement = experts_per_rank(config.num_experts, layout.expert_parallel_size, layout.expert_placement)
+            held = f"experts {placement[ep_rank]}"
         logger.info("  rank %d: ep_rank %d, %s; would read %s (%s of experts)", rank, ep_rank, held,
                     megabytes(total), megabytes(experts))
 

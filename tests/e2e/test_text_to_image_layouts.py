@@ -154,8 +154,9 @@ def test_parallel_layouts_match_single_process(world_size, tiny_checkpoint, tiny
     paths = {"base": tiny_checkpoint, "distil": tiny_distil_checkpoint, "expert_loads": str(tmp_path / "loads.json")}
     # Loads that place each layer's experts differently (layer 0: [0, 3, 6, 7] / [1, 2, 4, 5], layer 1 reversed).
     loads = [900, 10, 20, 30, 800, 700, 40, 50]
-    write_expert_loads(paths["expert_loads"], {f"model.layers.{i}.mlp.experts": loads[::(-1) ** i]
-                                               for i in range(HunyuanImage3Config.from_pretrained(tiny_checkpoint).num_hidden_layers)})
+    num_layers = HunyuanImage3Config.from_pretrained(tiny_checkpoint).num_hidden_layers
+    write_expert_loads(paths["expert_loads"],
+                       {f"model.layers.{i}.mlp.experts": loads[::(-1) ** i] for i in range(num_layers)})
     (results,) = [r for r in run_ranks(layout_worker, world_size, paths, timeout=800) if r is not None]
     assert sorted(results) == sorted(run for run, *_ in runs_of(world_size))
     for run, checkpoint, _, backend in runs_of(world_size):

@@ -63,10 +63,13 @@ def test_loads_file_round_trip(tmp_path):
         ("{not json", "cannot read the expert loads"),
         (dict(layers={}), "is not an expert-loads file"),
         (dict(format=FORMAT, layers={"model.layers.1.mlp.experts": LOADS_8}), "has no loads for layer"),
-        (dict(format=FORMAT, layers={"model.layers.0.mlp.experts": LOADS_8[:7]}), "needs 8 non-negative integer"),
-        (dict(format=FORMAT, layers={"model.layers.0.mlp.experts": [-1] + LOADS_8[1:]}), "needs 8 non-negative"),
+        (dict(format=FORMAT, layers={"model.layers.0.mlp.experts": LOADS_8[:7]}), "needs 8 loads"),
+        (dict(format=FORMAT, layers={"model.layers.0.mlp.experts": [-1] + LOADS_8[1:]}), "non-negative integer"),
+        (dict(format=FORMAT, layers={"model.layers.0.mlp.experts": [True] + LOADS_8[1:]}), "non-negative integer"),
+        (dict(format=FORMAT, layers={"model.layers.0.mlp.experts": 8}), "needs a list"),
+        (dict(format=FORMAT, layers={"model.layers.0.mlp.experts": LOADS_8, "x": LOADS_8[:4]}), "different numbers"),
     ],
-    ids=["missing", "not-json", "no-format", "other-layer", "short", "negative"],
+    ids=["missing", "not-json", "no-format", "other-layer", "short", "negative", "bool", "not-a-list", "mixed"],
 )
 def test_bad_loads_file_says_what_is_wrong(tmp_path, content, match):
     path = tmp_path / "loads.json"

@@ -81,7 +81,7 @@ BALANCED_LOADS = [900, 10, 20, 30, 800, 700, 40, 50]
 def ep_worker(rank, world_size):
     report = []
     loads_path = os.path.join(tempfile.mkdtemp(), "loads.json")
-    write_expert_loads(loads_path, {"": BALANCED_LOADS})
+    write_expert_loads(loads_path, {"": BALANCED_LOADS, "other": BALANCED_LOADS[::-1]})
     for kw in LAYOUTS[world_size]:
         for backend in ("allgather_reducescatter", "all2all"):
             for placement in PLACEMENTS:
@@ -97,7 +97,8 @@ def ep_worker(rank, world_size):
                     layer = FusedMoE(E, top_k, H, I, params_dtype=torch.float32)
                     load_layer(layer)
                     if placement == "balanced":
-                        assert layer.local_expert_ids == balanced_experts_per_rank(BALANCED_LOADS, world_size)[layer.ep_rank]
+                        placed = balanced_experts_per_rank(BALANCED_LOADS, world_size)
+                        assert layer.local_expert_ids == placed[layer.ep_rank]
                     x, logits = tokens(case, data_rank, top_k)
                     bound = max(tokens(case, d, top_k)[0].shape[0] for d in range(world_size // cfg.tensor_parallel_size))
                     start, end = layer.routed_rows(x.shape[0]) if known_bound else (0, x.shape[0])
@@ -137,6 +138,13 @@ def ep_worker(rank, world_size):
                 with pytest.raises(ValueError, match="routed_rows"):
                     layer(x, torch.cat([logits, logits[:1]]))  # T + 1 rows
                 destroy_parallel_state()
+    # Layers placed differently cannot share one expert mapping: the loader must ask per MoE block.
+    init_parallel_state(ParallelConfig(enable_expert_parallel=True, data_parallel_size=world_size,
+                                       expert_placement="balanced", expert_loads=loads_path))
+    layers = torch.nn.ModuleList([FusedMoE(E, 2, H, I, prefix=p) for p in ("", "other")])
+    with pytest.raises(ValueError, match="hold different experts on this rank"):
+        FusedMoE.make_expert_params_mapping(layers, "gate_and_up_proj", "down_proj", "gate_and_up_proj", E)
+    destroy_parallel_state()
     errors = {kind: bad_config_error(world_size, kind) for kind in BAD_CONFIGS[world_size]}
     return report, errors
 
@@ -150,7 +158,10 @@ def tp_worker(rank, world_size):
         load_layer(layer)
         assert layer.w13_weight.shape == (E, 2 * I // world_size, H)
         x, logits = tokens(case, 0, top_k)
-        out = layer(x, logits)
+        with record_expert_loads(layer) as recorded:
+            out = layer(x, logits)
+        # Every TP rank routed every token: the recorder counts them once.
+        assert recorded == {"": torch.bincount(select_experts(logits, top_k)[1].flatten(), minlength=E).tolist()}
         ref = reference(x, logits, top_k)
         err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.shape[0] else 0.0
         assert err <= RTOL, f"TP{world_size} {case}: rel err {err:.2e}"

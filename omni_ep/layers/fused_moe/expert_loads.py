@@ -2,15 +2,18 @@
 device and written as JSON, for placement "balanced" (expert_placement.py) to split the experts by.
 
     with record_expert_loads(pipe.transformer) as loads:
-        pipe(prompt)                      # eager: a CUDA graph would count its warm-up step twice
+        pipe(prompt)
     if rank == 0:
-        write_expert_loads("loads.json", loads)
+        write_expert_loads("loads.json", loads, prompt=prompt)
 
-The file: {"format": FORMAT, "num_experts": E, "layers": {FusedMoE prefix: [rows of expert 0, ..., E-1]}}.
+The file: {"format": FORMAT, "num_experts": E, "meta": {what was generated}, "layers": {FusedMoE prefix: [rows of
+expert 0, ..., E-1]}}. The rows are those the experts computed: padding rows (a sequence-parallel share, a DP
+rank's repeated prompt) count too.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -59,14 +62,31 @@ def write_expert_loads(path: str | os.PathLike, loads: dict[str, list[int]], **m
 
 
 def read_expert_loads(path: str | os.PathLike) -> dict[str, list[int]]:
-    """{layer prefix: rows per expert} of an expert-loads file; a ValueError that names the file otherwise."""
+    """{layer prefix: rows per expert} of an expert-loads file; a ValueError that names the file and what is wrong
+    otherwise. Parsed once per file version: every MoE layer of a model reads the same one."""
+    try:
+        stat = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"cannot read the expert loads {str(path)!r}: {e}") from None
+    return _parse_expert_loads(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_expert_loads(path: str, mtime_ns: int, size: int) -> dict[str, list[int]]:
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the expert loads {str(path)!r}: {e}") from None
+        raise ValueError(f"cannot read the expert loads {path!r}: {e}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("layers"), dict):
-        raise ValueError(f"{str(path)!r} is not an expert-loads file ({FORMAT!r}; write one with --record-expert-loads)")
+        raise ValueError(f"{path!r} is not an expert-loads file ({FORMAT!r}; write one with --record-expert-loads)")
+    sizes = set()
+    for prefix, counts in data["layers"].items():
+        if not isinstance(counts, list) or not all(type(c) is int and c >= 0 for c in counts):
+            raise ValueError(f"{path!r}: layer {prefix!r} needs a list of non-negative integer loads")
+        sizes.add(len(counts))
+    if len(sizes) > 1:
+        raise ValueError(f"{path!r}: the layers hold different numbers of experts {sorted(sizes)}")
     return data["layers"]
 
 
@@ -77,7 +97,7 @@ def read_layer_loads(path: str | os.PathLike, prefix: str, num_experts: int) -> 
     if counts is None:
         raise ValueError(f"{str(path)!r} has no loads for layer {prefix!r}: it was recorded for another model "
                          "(or fewer layers); record it again with this model")
-    if len(counts) != num_experts or not all(isinstance(c, int) and c >= 0 for c in counts):
-        raise ValueError(f"{str(path)!r}: layer {prefix!r} needs {num_experts} non-negative integer loads, got "
-                         f"{len(counts)} values")
-    return counts
+    if len(counts) != num_experts:
+        raise ValueError(f"{str(path)!r}: layer {prefix!r} needs {num_experts} loads (one per expert), got "
+                         f"{len(counts)}")
+    return list(counts)

@@ -209,8 +209,9 @@ class FusedMoE(nn.Module):
         num_experts: int,
         num_redundant_experts: int = 0,
     ) -> list[tuple[str, str, int, str]]:
-        """[(param_name, weight_name, expert_id, shard_id)] for the experts THIS rank holds in the first FusedMoE
-        of ``model``, and only those: the loader reads nothing else from disk.
+        """[(param_name, weight_name, expert_id, shard_id)] for the experts THIS rank holds in the FusedMoE layers
+        of ``model``, and only those: the loader reads nothing else from disk. Every layer of ``model`` must hold
+        the same experts (under placement balanced each layer has its own: pass one block at a time).
 
         weight_name is the checkpoint fragment "experts.{j}.{proj}." and param_name the fragment that replaces it
         to name the parameter ("experts.w13_" / "experts.w2_"): "mlp.experts.5.gate_and_up_proj.weight" ->
@@ -224,9 +225,13 @@ class FusedMoE(nn.Module):
                 f"separate gate ({ckpt_gate_proj_name!r}) and up ({ckpt_up_proj_name!r}) checkpoint tensors are not "
                 "supported; FusedMoE loads one fused [up; gate] tensor per expert"
             )
-        layer = next((m for m in model.modules() if isinstance(m, FusedMoE)), None)
-        if layer is None:
+        layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
+        if not layers:
             raise ValueError(f"{type(model).__name__} holds no FusedMoE layer")
+        layer = layers[0]
+        if any(other.local_expert_ids != layer.local_expert_ids for other in layers):
+            raise ValueError(f"the FusedMoE layers of {type(model).__name__} hold different experts on this rank "
+                             "(placement balanced): pass one MoE block at a time")
         if layer.num_experts != num_experts:
             raise ValueError(f"num_experts={num_experts} but the layer has {layer.num_experts} experts")
         return [

@@ -319,8 +319,9 @@ def load_weights(model: HunyuanImage3Transformer2DModel, checkpoint: Safetensors
             for param_name, weight_name, expert_id, shard_id in mapping:  # this rank's experts only
                 ckpt_name = f"{block_name}.{weight_name}weight"
                 param = params[ckpt_name.replace(weight_name, param_name)]
-                param.weight_loader(param, checkpoint.read(ckpt_name, is_expert=True), ckpt_name,
-                                    shard_id=shard_id, expert_id=expert_id)
+                if not param.weight_loader(param, checkpoint.read(ckpt_name, is_expert=True), ckpt_name,
+                                           shard_id=shard_id, expert_id=expert_id):
+                    raise RuntimeError(f"{ckpt_name}: expert {expert_id} is not held by this rank's {block_name}")
     return checkpoint.stats
 
 
