@@ -191,11 +191,13 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         timer.start()
+        wall_start = time.time()
         prompts = [f"a cup of coffee on the table, view {i}" for i in range(args.num_prompts)]
         pipe(prompts, num_inference_steps=args.steps, callback_on_step_end=timer, **call)
         if on_cuda:
             torch.cuda.synchronize()
         total = time.perf_counter() - timer.started
+        wall_clock_unix = [wall_start, time.time()]  # for gpu_clocks.py
         steps = timer.step_seconds
         later = steps[1:] or steps
         graph = getattr(pipe, "cuda_graph_status", None)
@@ -203,7 +205,7 @@ def main() -> None:
                    later_step_s=sum(later) / len(later),
                    decode_and_rest_s=total - (timer.ends[-1] - timer.started),
                    peak_memory_gib_per_rank=world.all_gather_object(step_timer.peak_memory_gib(state.device)),
-                   cuda_graph_captured=None if graph is None else graph[0],
+                   wall_clock_unix=wall_clock_unix, cuda_graph_captured=None if graph is None else graph[0],
                    cuda_graph_error=None if graph is None else graph[1])
 
     comparison = None

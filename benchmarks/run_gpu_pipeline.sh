@@ -26,7 +26,7 @@ S=/tmp/scratch  # latents and per-run JSON: $OUT brings back at most 8 files
 rm -rf "$S"; mkdir -p "$OUT" "$S"
 FULL_LOG=$OUT/full_${1:-check}.log  # every run's whole output; the console gets the lines that matter
 # At exit the per-run JSON files become one, $OUT/${1:-check}.json.
-trap 'python3 -c "import glob, json, os, sys; fs = sorted(glob.glob(\"$S/*.json\")); fs and json.dump({os.path.basename(f)[:-5]: json.load(open(f)) for f in fs}, open(sys.argv[1], \"w\"), indent=1)" "$OUT/${1:-check}.json"' EXIT
+trap 'kill ${CLOCKS_PID:-} 2> /dev/null; python3 -c "import glob, json, os, sys; fs = sorted(glob.glob(\"$S/*.json\")); fs and json.dump({os.path.basename(f)[:-5]: json.load(open(f)) for f in fs}, open(sys.argv[1], \"w\"), indent=1)" "$OUT/${1:-check}.json"' EXIT
 exec > >(tee -a "$OUT/run_gpu_pipeline_${1:-check}.log") 2>&1  # what a killed call printed stays under $OUT
 # Every run is bounded: a hang costs its own limit, not the whole call's.
 B="timeout 300 python3 benchmarks/bench_pipeline.py"
@@ -36,6 +36,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 CFG2_EP2="--cfg-parallel-size 2 $EP --all2all-backend all2all"
+# Each GPU's power, SM clock and clock-event reasons every 200 ms into $OUT/gpu_clocks_<stage>.csv, for
+# gpu_clocks.py (per timed run); older drivers name the reasons clocks_throttle_reasons.
+sample_clocks() {
+  local reasons=clocks_event_reasons.active
+  nvidia-smi --query-gpu=$reasons --format=csv,noheader > /dev/null 2>&1 || reasons=clocks_throttle_reasons.active
+  nvidia-smi --query-gpu=timestamp,index,power.draw,clocks.sm,$reasons --format=csv,noheader,nounits -lms 200 \
+    > "$OUT/gpu_clocks_$1.csv" 2>&1 &
+  CLOCKS_PID=$!
+}
+clocks_per_run() {  # clocks_per_run STAGE: stop sampling, the table per timed run
+  kill "$CLOCKS_PID" 2> /dev/null; wait "$CLOCKS_PID" 2> /dev/null
+  python3 benchmarks/gpu_clocks.py "$OUT/gpu_clocks_$1.csv" "$S"/*.json
+}
 case "${1:-check}" in
 check)
   # fp32, TF32 off, tiny checkpoint: the previous commit on one GPU, this one on one and two GPUs (limit 1e-4).
@@ -82,6 +95,7 @@ layouts)
   # the cached steps replayed as a CUDA graph, TP2 without EP eager (graph: 13.71 vs 13.66 s).
   FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"
   ONLY=" ${*:2} "  # layouts [NAME...]: only those
+  sample_clocks layouts
   run() { name=$1; shift; [ "$ONLY" = "  " ] || [[ $ONLY == *" $name "* ]] || return 0
           echo "== $name"; $T2 $FULL "$@" --json "$S/pipeline_2xh200_$name.json" 2>&1 | tee -a "$FULL_LOG" | tail -3; }
   run cfg2_ep2_all2all --cfg-parallel-size 2 $EP --all2all-backend all2all
@@ -93,6 +107,7 @@ layouts)
   BAL="--expert-placement balanced --expert-loads benchmarks/results/expert_loads_real_dummy_2xh200.json"
   run cfg2_ep2_all2all_balanced $CFG2_EP2 $BAL
   run tp2_ep2_all2all_graph_balanced --tensor-parallel-size 2 $EP --all2all-backend all2all --cuda-graph $BAL
+  clocks_per_run layouts
   ;;
 nccl_collectives)
   # The model's collectives alone (bench_collectives.py, [4097, 4096] bf16 per rank) under NCCL settings, and
@@ -113,11 +128,13 @@ nccl_collectives)
 balanced)
   # Expert placement "balanced": the expert loads of one 50-step image (another prompt than the timed one's)
   # recorded under CFG2 + EP2, then linear / balanced / balanced / linear for CFG2 + EP2 all2all (eager) and
-  # TP2 + EP2 all2all (CUDA graph), and the profile of CFG2 + EP2 balanced (about 8 min).
+  # TP2 + EP2 all2all (CUDA graph) with each GPU's clocks and power per run, and the profile of CFG2 + EP2
+  # balanced (about 8 min).
   FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"
   LOADS=$OUT/expert_loads_real_dummy_2xh200.json
   $T2 $FULL $CFG2_EP2 --no-timing --record-expert-loads "$LOADS" 2>&1 | tee -a "$FULL_LOG" | grep -E "expert loads|Error"
   BAL="--expert-placement balanced --expert-loads $LOADS"
+  sample_clocks balanced
   for layout in cfg2_ep2_all2all tp2_ep2_all2all_graph; do
     flags=$([ $layout = cfg2_ep2_all2all ] && echo "$CFG2_EP2" || echo "--tensor-parallel-size 2 $EP --all2all-backend all2all --cuda-graph")
     i=0
@@ -127,6 +144,7 @@ balanced)
         | tee -a "$FULL_LOG" | tail -1
     done
   done
+  clocks_per_run balanced
   timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py $FULL --steps 12 --from-step 3 $CFG2_EP2 $BAL \
     --json "$OUT/profile_2xh200_cfg2_ep2_all2all_balanced.json" 2>&1 | tee -a "$FULL_LOG" | grep -E "window|experts  |nccl  |NCCL"
   ;;
