@@ -3,7 +3,7 @@
 Placement "linear": rank r holds the contiguous block [r*E/EP, (r+1)*E/EP).
 Placement "round_robin": rank r holds r, r+EP, r+2EP, ... (8 experts on 2 ranks: rank 0 holds 0, 2, 4, 6).
 Placement "balanced": per layer, from recorded expert loads (rows routed to each expert, ``expert_loads.py``): each
-rank holds E/EP experts and as equal a share of the rows as a greedy split finds. The ranks of one layer wait for
+rank holds E/EP experts and as equal a share of the rows as a greedy split and swaps find. The ranks of one layer wait for
 the busiest at the combine, so a rank whose experts get more rows paces every rank.
 """
 
@@ -63,19 +63,18 @@ def balanced_experts_per_rank(loads: list[int], ep_size: int) -> list[list[int]]
         rows[rank] += loads[expert]
     while True:
         busiest = max(range(ep_size), key=lambda r: (rows[r], -r))
-        best = None  # (the pair's new max rows, i, other rank, j)
-        for other in range(ep_size):
+        best = None  # (the pair's new max rows, i, other rank, j, rows moved)
+        for other in (r for r in range(ep_size) if r != busiest):
             for i in held[busiest]:
                 for j in held[other]:
                     moved = loads[i] - loads[j]
                     new_max = max(rows[busiest] - moved, rows[other] + moved)
                     if moved > 0 and new_max < rows[busiest] and (best is None or new_max < best[0]):
-                        best = (new_max, i, other, j)
+                        best = (new_max, i, other, j, moved)
         if best is None:
             return [sorted(ids) for ids in held]
-        _, i, other, j = best
+        _, i, other, j, moved = best
         held[busiest][held[busiest].index(i)], held[other][held[other].index(j)] = j, i
-        moved = loads[i] - loads[j]
         rows[busiest] -= moved
         rows[other] += moved
 
