@@ -26,6 +26,7 @@ import PIL.Image
 import torch
 
 from omni_ep.config import ALL2ALL_BACKENDS, EXPERT_PLACEMENTS, ParallelConfig
+from omni_ep.layers.fused_moe.fp8 import QUANTIZATIONS
 
 DEMO_CHECKPOINT = str(Path(__file__).resolve().parents[2] / "checkpoints" / "hunyuan-image3-demo")
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -79,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write the rows routed to each expert of each layer in this run to this JSON (rank 0)")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                    help="weights; auto: float32 on a CPU, bfloat16 on a GPU (the VAE decoder stays float32 on a CPU)")
+    p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                   help="fp8: the routed experts in FP8 (e4m3, a scale per weight row and per token), quantized as "
+                        "they load: faster experts and half their memory, not exact (default: none, exact)")
     p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                    help="dummy: random weights of the checkpoint's shapes, no weight file read")
     p.add_argument("--print-layout", action="store_true",
@@ -218,7 +222,7 @@ def main(argv=None) -> int:
 
         start = time.perf_counter()
         pipe = HunyuanImage3Pipeline.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype],
-                                                     load_format=args.load_format)
+                                                     load_format=args.load_format, quantization=args.quantization)
         load_seconds = time.perf_counter() - start
         pipe.set_progress_bar_config(disable=state.rank != 0 or args.quiet > 0)
         experts = next(m for m in pipe.transformer.modules() if hasattr(m, "local_expert_ids"))
@@ -227,8 +231,8 @@ def main(argv=None) -> int:
         rows = get_world_group().all_gather_object(
             (state.rank, experts.ep_rank, experts.local_expert_ids, read.bytes_read + (vae_read.bytes_read if vae_read
              else 0), read.expert_bytes_read, load_seconds))
-        logger.info("layout: %s, world size %d, device %s, %s", layout.describe(), state.world_size,
-                    state.device.type, pipe.dtype)
+        logger.info("layout: %s, world size %d, device %s, %s%s", layout.describe(), state.world_size,
+                    state.device.type, pipe.dtype, f", experts in {args.quantization}" if args.quantization else "")
         logger.info("model: %s (%s template), defaults %d steps, guidance %s", variant.name, variant.template.name,
                     variant.num_inference_steps, variant.guidance_scale)
         logger.info("experts: %d per layer, %d local per rank", config.num_experts, experts.local_num_experts)

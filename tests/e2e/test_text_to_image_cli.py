@@ -80,6 +80,23 @@ def test_readme_command_draws_the_training_picture_of_its_prompt(readme_png):
 
 
 @pytest.mark.slow
+def test_fp8_experts_draw_the_same_picture(readme_png, tmp_path):
+    """--quantization fp8: the demo's experts in FP8 still draw the coffee picture, near the exact image (36.6 dB
+    measured; the quantization is not exact)."""
+    from tools.train_demo_checkpoint import demo_image
+
+    out = tmp_path / "fp8.png"
+    proc = run(["--prompt", README_PROMPT, "--output", str(out), "--quantization", "fp8"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "experts in fp8" in proc.stderr
+    fp8, exact = load(out), load(readme_png[0])
+    print(f"FP8 experts vs exact: PSNR {psnr(fp8, exact):.1f} dB, SSIM to the training picture "
+          f"{ssim(fp8, demo_image('coffee')):.3f}")
+    assert 30 <= psnr(fp8, exact) < 60
+    assert ssim(fp8, demo_image("coffee")) >= MIN_SSIM_TO_TRAINING
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_cli_under_torchrun_matches_single_process(readme_png, tmp_path):
     """One torchrun launch (the layout matrix runs in process in test_text_to_image_layouts.py): the demo on CFG2 +

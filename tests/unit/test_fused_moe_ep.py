@@ -18,6 +18,7 @@ from omni_ep.layers.fused_moe import FusedMoE, select_experts
 from omni_ep.layers.fused_moe.expert_loads import record_expert_loads, write_expert_loads
 from omni_ep.layers.fused_moe.expert_placement import balanced_experts_per_rank
 from omni_ep.layers.fused_moe.experts.torch_experts import TorchExperts
+from omni_ep.layers.fused_moe.fp8 import FP8_DTYPE, quantize_rows
 from tests.launcher import run_ranks
 
 E, H, I = 8, 16, 12
@@ -31,12 +32,17 @@ def full_weights(seed=0):
     return up_gate, down
 
 
-def reference(x, logits, top_k):
-    """The single-process layer: all experts local, [up; gate] reordered to [gate; up]."""
+def reference(x, logits, top_k, quantization=None):
+    """The single-process layer: all experts local, [up; gate] reordered to [gate; up]; "fp8": each weight row
+    quantized (fp8.py) as the loader does."""
     up_gate, down = full_weights()
     up, gate = up_gate.split(I, dim=1)
     w, ids = select_experts(logits, top_k)
-    return TorchExperts().apply(x, ids, w, torch.cat([gate, up], dim=1), down)
+    w13 = torch.cat([gate, up], dim=1)
+    if quantization == "fp8":
+        (w13, w13_scale), (down, down_scale) = quantize_rows(w13), quantize_rows(down)
+        return TorchExperts().apply(x, ids, w, w13, down, w13_scale, down_scale)
+    return TorchExperts().apply(x, ids, w, w13, down)
 
 
 def tokens(case, data_rank, top_k):
@@ -71,6 +77,7 @@ LAYOUTS = {
         dict(tensor_parallel_size=2, data_parallel_size=2)],
 }
 PLACEMENTS = ("linear", "round_robin", "balanced")
+QUANTIZED = {"linear": "fp8"}  # placements also run with FP8 experts, against the quantized single process
 CASES = [("random", 2), ("one_expert", 1), ("one_expert", 2), ("zero_on_rank1", 2), ("all_experts", E)]
 
 
@@ -128,6 +135,16 @@ def ep_worker(rank, world_size):
                     summed = tp.reduce_scatter_row_chunks(x * (tp.rank + 1))
                     torch.testing.assert_close(summed, x[start:end] * (tp.world_size * (tp.world_size + 1) // 2),
                                                rtol=0, atol=0, msg=f"reduce_scatter_row_chunks of {T} rows")
+                for case, top_k in CASES if placement in QUANTIZED else ():
+                    fp8_layer = FusedMoE(E, top_k, H, I, params_dtype=torch.float32, quantization=QUANTIZED[placement])
+                    load_layer(fp8_layer)
+                    assert fp8_layer.w13_weight.dtype == fp8_layer.w2_weight.dtype == FP8_DTYPE
+                    x, logits = tokens(case, data_rank, top_k)
+                    out = fp8_layer(x, logits)
+                    ref = reference(x, logits, top_k, QUANTIZED[placement])
+                    err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if x.shape[0] else 0.0
+                    assert err <= RTOL, f"{kw} {backend} fp8 {case} top{top_k}: rel err {err:.2e}"
+                    report.append((str(kw), backend, "fp8", case, top_k, err))
                 # Expert bytes per rank are exactly total / EP.
                 expert_bytes = sum(p.numel() * p.element_size() for p in (layer.w13_weight, layer.w2_weight))
                 total = E * (2 * I * H + H * I) * 4
@@ -168,6 +185,13 @@ def tp_worker(rank, world_size):
         errs.append(err)
         with pytest.raises(RuntimeError, match="needs expert parallel"):
             layer.forward_routed_rows(x, logits)
+        # FP8: each rank quantizes its slice (w2's rows and h over I / TP only), so not the single process's
+        # quantization: near the exact output, as far as FP8 goes.
+        fp8_layer = FusedMoE(E, top_k, H, I, params_dtype=torch.float32, quantization="fp8")
+        load_layer(fp8_layer)
+        if x.shape[0]:
+            fp8_err = ((fp8_layer(x, logits) - ref).norm() / ref.norm()).item()
+            assert 1e-3 < fp8_err < 0.1, f"TP{world_size} fp8 {case}: rel err {fp8_err:.2e} from the exact output"
     destroy_parallel_state()
     return errs
 
@@ -179,7 +203,7 @@ def test_expert_parallel_matches_single_process_on_every_rank(world_size):
     """Every layout x backend x placement x routing case against one process (and the loads recorded), then the bad configurations of
     this world size: each must fail on every rank with its message, before any collective (no hang)."""
     results = run_ranks(ep_worker, world_size, timeout=500)
-    n = len(LAYOUTS[world_size]) * 2 * len(PLACEMENTS) * len(CASES)
+    n = len(LAYOUTS[world_size]) * 2 * (len(PLACEMENTS) + len(QUANTIZED)) * len(CASES)
     assert all(len(report) == n for report, _ in results)
     worst = max(row[-1] for report, _ in results for row in report)
     print(f"EP over {world_size} ranks: {n} cases per rank, worst relative error {worst:.2e}")

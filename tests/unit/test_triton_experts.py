@@ -63,43 +63,72 @@ def _weights(E, H, I, gen):
     return torch.randn(E, 2 * I, H, generator=gen) / H**0.5, torch.randn(E, H, I, generator=gen) / I**0.5
 
 
-def _run(config, x, ids, w, w13, w2, ref_ids=None):
-    """The Triton experts' output against the torch reference's (ref_ids: the ids the reference sees)."""
+def _run(config, x, ids, w, w13, w2, ref_ids=None, fp8=False):
+    """The Triton experts' output against the torch reference's (ref_ids: the ids the reference sees). fp8: both
+    with the weights quantized (fp8.py), and fp8_err the quantized output's distance from the exact one."""
     from omni_ep.layers.fused_moe.experts.torch_experts import TorchExperts
     from omni_ep.layers.fused_moe.experts.triton_experts import TritonExperts
+    from omni_ep.layers.fused_moe.fp8 import quantize_rows
 
-    out = TritonExperts(config).apply(x, ids, w, w13, w2)
-    ref = TorchExperts().apply(x, ids if ref_ids is None else ref_ids, w, w13, w2)
+    ref_ids = ids if ref_ids is None else ref_ids
+    scales, extra = (), {}
+    if fp8:
+        exact = TorchExperts().apply(x, ref_ids, w, w13, w2)
+        (w13, w13_scale), (w2, w2_scale) = quantize_rows(w13), quantize_rows(w2)
+        scales = (w13_scale, w2_scale)
+    out = TritonExperts(config).apply(x, ids, w, w13, w2, *scales)
+    ref = TorchExperts().apply(x, ref_ids, w, w13, w2, *scales)
+    if fp8:
+        extra["fp8_err"] = ((ref - exact).norm() / exact.norm()).item()
     err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-    return {"rel_err": err, "finite": bool(torch.isfinite(out).all()), "shape_ok": out.shape == ref.shape}
+    return {"rel_err": err, "finite": bool(torch.isfinite(out).all()), "shape_ok": out.shape == ref.shape, **extra}
 
 
-def _case_uniform(gen, config):
+def _case_uniform(gen, config, fp8=False):
     M, K, E, H, I = 37, 4, 6, 64, 48
     x = torch.randn(M, H, generator=gen)
     w13, w2 = _weights(E, H, I, gen)
     ids, w = _routing(M, K, E, gen)
-    return _run(config, x, ids, w, w13, w2)
+    return _run(config, x, ids, w, w13, w2, fp8=fp8)
 
 
-def _case_skewed_empty_experts(gen, config):
+def _case_skewed_empty_experts(gen, config, fp8=False):
     M, K, E, H, I = 50, 3, 8, 32, 32
     x = torch.randn(M, H, generator=gen)
     w13, w2 = _weights(E, H, I, gen)
     ids, w = _routing(M, K, E, gen, local_fraction=1.0)
     ids[:, 0] = 0  # expert 0 gets every token
     ids = torch.where((ids == 3) | (ids == 4), -1, ids)  # experts 3 and 4 get none
-    return _run(config, x, ids, w, w13, w2)
+    return _run(config, x, ids, w, w13, w2, fp8=fp8)
 
 
-def _case_odd_sizes_strided(gen, config):
+def _case_odd_sizes_strided(gen, config, fp8=False):
     """H = 40, I = 24 (not tile multiples: masked or zero-filled K steps, wrapped or zero-filled N blocks), int64
     ids, x a row-strided view."""
     M, K, E, H, I = 29, 3, 5, 40, 24
     x = torch.randn(M, H + 8, generator=gen)[:, :H]
     w13, w2 = _weights(E, H, I, gen)
     ids, w = _routing(M, K, E, gen)
-    return _run(config, x, ids.long(), w, w13, w2)
+    return _run(config, x, ids.long(), w, w13, w2, fp8=fp8)
+
+
+def _case_quantize_rows(gen):
+    """The FP8 row quantization kernel gives fp8.quantize_rows's bits: ties, subnormals, a zero row, rows over
+    several binades; rows from num_rows on are not written."""
+    from omni_ep.layers.fused_moe.experts.triton_kernels.quantize_rows import quantize_rows_fp8
+    from omni_ep.layers.fused_moe.fp8 import quantize_rows
+
+    x = torch.randn(24, 300, generator=gen) * torch.logspace(-6, 3, 24)[:, None]
+    x[:, ::7] *= 1e-4  # subnormal and zero codes
+    x[3] = 0.0
+    x[5, :12] = torch.tensor([448.0, 1e-3, 2**-9, 3 * 2**-10, 2**-7 + 2**-11, -5.0625, 17.0, 19.0, 232.0, 31.6,
+                              -447.0, 0.0])  # ties to even, carries into the exponent
+    q, scale = quantize_rows_fp8(x)
+    q_ref, scale_ref = quantize_rows(x)
+    tail_q, tail_scale = quantize_rows_fp8(x, torch.tensor([10], dtype=torch.int32))
+    return {"bits_equal": torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scale, scale_ref),
+            "head_equal": torch.equal(tail_q[:10].view(torch.uint8), q_ref[:10].view(torch.uint8)),
+            "max_err_ok": bool(((q.float() * scale[:, None] - x).abs() <= x.abs() / 16 + scale[:, None] * 2**-10).all())}
 
 
 def _case_no_local_slot(gen):
@@ -211,6 +240,10 @@ CASES = {
     "tma_odd_sizes_strided": lambda g: _case_odd_sizes_strided(g, TMA),
     "tma_two_programs_per_sm_skewed_empty_experts": lambda g: _case_skewed_empty_experts(g, TMA_TWO_PER_SM),
     "gluon_falls_back_to_tma_odd_sizes": lambda g: _case_odd_sizes_strided(g, GLUON),
+    "fp8_pointer_uniform": lambda g: _case_uniform(g, POINTER, fp8=True),
+    "fp8_tma_odd_sizes_strided": lambda g: _case_odd_sizes_strided(g, TMA, fp8=True),
+    "fp8_gluon_falls_back_skewed_empty_experts": lambda g: _case_skewed_empty_experts(g, GLUON, fp8=True),
+    "fp8_quantize_rows": _case_quantize_rows,
     "no_local_slot": _case_no_local_slot,
     "one_token": _case_one_token,
     "zero_tokens": _case_zero_tokens,
@@ -258,7 +291,9 @@ def test_kernels_under_interpreter(interpreted_cases, case):
     if "rel_err" in result:
         assert result["finite"] and result["shape_ok"]
         assert result["rel_err"] < TOL, f"{case}: relative error {result['rel_err']:.2e} vs the torch path"
-    for key in ("all_zero", "shape_ok", "layout_ok", "raised"):
+    if "fp8_err" in result:  # quantized, and not by much: e4m3 keeps 3 mantissa bits
+        assert 1e-3 < result["fp8_err"] < 0.1, f"{case}: FP8 output {result['fp8_err']:.2e} from the exact one"
+    for key in ("all_zero", "shape_ok", "layout_ok", "raised", "bits_equal", "head_equal", "max_err_ok"):
         if key in result:
             assert result[key], f"{case}: {key} is False"
 

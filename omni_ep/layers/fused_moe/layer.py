@@ -33,6 +33,7 @@ from omni_ep.layers.fused_moe.expert_placement import (
     experts_per_rank,
 )
 from omni_ep.layers.fused_moe.experts import get_local_experts_cls, unsupported_reason
+from omni_ep.layers.fused_moe.fp8 import FP8_DTYPE, check_quantization, quantize_rows
 from omni_ep.layers.fused_moe.router import select_experts
 
 SHARD_IDS = ("w13", "w2")  # fused [up; gate] as HunyuanImage-3.0 stores it, down
@@ -54,8 +55,10 @@ class FusedMoE(nn.Module):
         params_dtype: torch.dtype | None = None,
         prefix: str = "",
         experts_backend: str | None = None,
+        quantization: str | None = None,
     ):
         super().__init__()
+        check_quantization(quantization)
         config = get_parallel_config()
         self.tp_group, self.ep_group = get_tp_group(), get_ep_group()
         tp_size, ep_size = self.tp_group.world_size, self.ep_group.world_size
@@ -83,9 +86,17 @@ class FusedMoE(nn.Module):
         self._expert_owner = build_expert_owner(num_experts, placement)
 
         self.intermediate_size_per_partition = intermediate_size if self.use_ep else intermediate_size // tp_size
-        I_tp, dtype = self.intermediate_size_per_partition, params_dtype or torch.get_default_dtype()
-        self.w13_weight = nn.Parameter(torch.empty(self.local_num_experts, 2 * I_tp, hidden_size, dtype=dtype), requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(self.local_num_experts, hidden_size, I_tp, dtype=dtype), requires_grad=False)
+        I_tp, E_local = self.intermediate_size_per_partition, self.local_num_experts
+        self.params_dtype = params_dtype or torch.get_default_dtype()  # the activations' dtype
+        self.quantization = quantization
+        dtype = FP8_DTYPE if quantization == "fp8" else self.params_dtype
+        self.w13_weight = nn.Parameter(torch.empty(E_local, 2 * I_tp, hidden_size, dtype=dtype), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(E_local, hidden_size, I_tp, dtype=dtype), requires_grad=False)
+        if quantization == "fp8":  # one scale per weight row (output channel), set by weight_loader
+            self.w13_weight_scale = nn.Parameter(torch.ones(E_local, 2 * I_tp), requires_grad=False)
+            self.w2_weight_scale = nn.Parameter(torch.ones(E_local, hidden_size), requires_grad=False)
+        else:
+            self.w13_weight_scale = self.w2_weight_scale = None
         for param in (self.w13_weight, self.w2_weight):
             param.weight_loader = self.weight_loader
 
@@ -103,9 +114,10 @@ class FusedMoE(nn.Module):
 
     @property
     def experts(self):
-        """The local-expert implementation, chosen on first use for the weights' device and dtype."""
+        """The local-expert implementation, chosen on first use for the weights' device and the activations'
+        dtype (and FP8 weights where quantized)."""
         if self._experts is None:
-            self._experts = self._select_experts_backend(self.w13_weight.device, self.w13_weight.dtype)
+            self._experts = self._select_experts_backend(self.w13_weight.device, self.params_dtype)
         return self._experts
 
     def set_experts_backend(self, name: str | None) -> None:
@@ -117,6 +129,8 @@ class FusedMoE(nn.Module):
         reasons = []
         for name in names:
             reason = unsupported_reason(name, device, dtype)
+            if reason is None and self.quantization == "fp8" and not get_local_experts_cls(name).supports_fp8:
+                reason = f"the {name} experts do not take FP8 weights (quantization 'fp8')"
             if reason is None:
                 return get_local_experts_cls(name)()
             reasons.append(reason)
@@ -190,7 +204,8 @@ class FusedMoE(nn.Module):
         shared_CH = shared_experts(x_shared_CH) if shared_experts is not None else None
         dispatched = pending.wait()
         y_MH = self.experts.apply(
-            dispatched.hidden_states, dispatched.topk_ids, dispatched.topk_weights, self.w13_weight, self.w2_weight
+            dispatched.hidden_states, dispatched.topk_ids, dispatched.topk_weights, self.w13_weight, self.w2_weight,
+            self.w13_weight_scale, self.w2_weight_scale,
         )
         out_TH = self.dispatcher.combine(y_MH, dispatched.metadata)
         if shared_CH is not None:
@@ -247,7 +262,8 @@ class FusedMoE(nn.Module):
         """Copy one expert's checkpoint tensor into its local slot; False (nothing copied) when not local.
 
         w13: [2I, H] stored [up; gate], kept as [gate; up]; w2 (down): [H, I]. The TP slice of the intermediate
-        dimension is taken here when the experts are tensor-parallel.
+        dimension is taken here when the experts are tensor-parallel. Quantization "fp8": the slot gets the
+        e4m3fn rows of this rank's slice and their scales (fp8.quantize_rows).
         """
         if shard_id not in SHARD_IDS:
             raise ValueError(f"{weight_name}: unknown shard_id {shard_id!r}; expected one of {SHARD_IDS}")
@@ -263,7 +279,16 @@ class FusedMoE(nn.Module):
                 f"{expected} for shard {shard_id} (hidden {H}, intermediate {I})"
             )
         with torch.no_grad():
-            if shard_id == "w2":
+            if self.quantization == "fp8":
+                if shard_id == "w2":
+                    weight = loaded_weight[:, rows]
+                else:
+                    up, gate = loaded_weight.split(I)
+                    weight = torch.cat([gate[rows], up[rows]])
+                weight, scale = quantize_rows(weight.to(param.device))
+                (self.w2_weight_scale if shard_id == "w2" else self.w13_weight_scale)[local].copy_(scale)
+                param[local].copy_(weight)
+            elif shard_id == "w2":
                 param[local].copy_(loaded_weight[:, rows])
             else:  # [up; gate] -> our [gate; up]
                 up, gate = loaded_weight.split(I)
@@ -276,4 +301,5 @@ class FusedMoE(nn.Module):
             f"num_experts={self.num_experts}, local_num_experts={self.local_num_experts}, top_k={self.top_k}, "
             f"hidden_size={self.hidden_size}, intermediate_size_per_partition={self.intermediate_size_per_partition}, "
             f"ep_rank={self.ep_rank}, ep_size={self.ep_size}, dispatch={self.dispatcher.name}"
+            + (f", quantization={self.quantization}" if self.quantization else "")
         )

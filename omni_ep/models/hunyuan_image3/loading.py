@@ -28,6 +28,7 @@ from torch import nn
 from omni_ep.config import ParallelConfig
 from omni_ep.distributed import get_parallel_config, get_parallel_state, init_parallel_state, is_parallel_state_initialized
 from omni_ep.layers.fused_moe import FusedMoE
+from omni_ep.layers.fused_moe.fp8 import check_quantization
 from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
 from omni_ep.models.hunyuan_image3.transformer import SKIPPED_PREFIXES, HunyuanImage3Transformer2DModel
 from omni_ep.models.hunyuan_image3.vae import HunyuanVAEDecoder
@@ -241,7 +242,9 @@ def materialize_parameters(model: nn.Module, device: torch.device) -> None:
 
 
 def _is_expert_param(name: str) -> bool:
-    return name.endswith(".experts.w13_weight") or name.endswith(".experts.w2_weight")
+    """The routed experts' weights (and their FP8 scales), filled through make_expert_params_mapping."""
+    return name.endswith((".experts.w13_weight", ".experts.w2_weight", ".experts.w13_weight_scale",
+                          ".experts.w2_weight_scale"))
 
 
 def load_weights(model: HunyuanImage3Transformer2DModel, checkpoint: SafetensorsCheckpoint) -> LoadStats:
@@ -420,17 +423,20 @@ def load_transformer(
     device: torch.device | str | None = None,
     load_format: str = "safetensors",
     seed: int = 0,
+    quantization: str | None = None,
 ) -> HunyuanImage3Transformer2DModel:
     """Build and load this rank's part of the transformer.
 
     path: the checkpoint folder (``config.json`` plus the shards; only ``config.json`` with "dummy").
     dtype: parameter dtype (the router stays fp32). device: default the parallel state's device.
     load_format: "safetensors", or "dummy" for random weights of the real shapes (no weight file read).
+    quantization: None, or "fp8": the routed experts quantized to FP8 as they load (not exact; fp8.py).
     The parallel state must be initialised on every rank first (a single process gets the default).
     ``model.load_stats`` tells what was read.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
+    check_quantization(quantization)
     if not is_parallel_state_initialized():
         init_parallel_state(ParallelConfig())
     check_supported_layout()
@@ -439,7 +445,7 @@ def load_transformer(
     checkpoint = SafetensorsCheckpoint(path) if load_format == "safetensors" else DummyCheckpoint(config, device, seed)
 
     with parameters_on_meta():
-        model = HunyuanImage3Transformer2DModel(config, params_dtype=dtype)
+        model = HunyuanImage3Transformer2DModel(config, params_dtype=dtype, quantization=quantization)
     materialize_parameters(model, device)
     try:
         model.load_stats = load_weights(model, checkpoint)

@@ -82,7 +82,8 @@ class HunyuanImage3MoE(nn.Module):
     """hidden_states [..., H] -> [..., H]: shared MLP + routed experts, complete (TP-reduced)."""
 
     def __init__(
-        self, config: HunyuanImage3Config, layer_idx: int, params_dtype: torch.dtype | None = None, prefix: str = ""
+        self, config: HunyuanImage3Config, layer_idx: int, params_dtype: torch.dtype | None = None, prefix: str = "",
+        quantization: str | None = None,
     ):
         super().__init__()
         self.gate = HunyuanImage3Router(config.hidden_size, config.num_experts, prefix=f"{prefix}.gate")
@@ -94,6 +95,7 @@ class HunyuanImage3MoE(nn.Module):
             renormalize=config.norm_topk_prob,
             params_dtype=params_dtype,
             prefix=f"{prefix}.experts",
+            quantization=quantization,
         )
         self.shared_mlp = HunyuanImage3SharedMLP(
             config.hidden_size,

@@ -27,6 +27,9 @@ def checkpoint_tensors(transformer: nn.Module, vae_decoder: nn.Module | None = N
                 "save_pretrained needs every expert whole in one process; this one holds "
                 f"{module.local_num_experts}/{module.num_experts} experts at TP {module.tp_size}. Save from a single process"
             )
+        if module.quantization is not None:
+            raise ValueError(f"{name}: experts quantized to {module.quantization} cannot be written back as the "
+                             "released weights; save from a model loaded without quantization")
         I = module.intermediate_size
         for local, expert_id in enumerate(module.local_expert_ids):
             gate, up = module.w13_weight[local].split(I)

@@ -81,7 +81,8 @@ class HunyuanImage3DecoderLayer(nn.Module):
     rank's row chunk [C, H] -> [C, H] of the B x S rows under TP x EP (``hidden_in_tp_chunks``)."""
 
     def __init__(
-        self, config: HunyuanImage3Config, layer_idx: int, params_dtype: torch.dtype | None = None, prefix: str = ""
+        self, config: HunyuanImage3Config, layer_idx: int, params_dtype: torch.dtype | None = None, prefix: str = "",
+        quantization: str | None = None,
     ):
         super().__init__()
         H, eps = config.hidden_size, config.rms_norm_eps
@@ -92,7 +93,7 @@ class HunyuanImage3DecoderLayer(nn.Module):
             config, layer_idx, params_dtype, prefix=f"{prefix}.self_attn", reduce_output=not self.tp_chunks
         )
         self.post_attention_layernorm = HunyuanImage3RMSNorm(H, eps, params_dtype)
-        self.mlp = HunyuanImage3MoE(config, layer_idx, params_dtype, prefix=f"{prefix}.mlp")
+        self.mlp = HunyuanImage3MoE(config, layer_idx, params_dtype, prefix=f"{prefix}.mlp", quantization=quantization)
 
     def forward(
         self, x, residual, cos, sin, segments, kv_cache=None, batch_tokens=None
@@ -119,11 +120,12 @@ class HunyuanImage3DecoderLayer(nn.Module):
 class HunyuanImage3Model(nn.Module):
     """The ``model.*`` part of the checkpoint: token embedding and decoder layers (``ln_f`` is text-only)."""
 
-    def __init__(self, config: HunyuanImage3Config, params_dtype: torch.dtype | None = None):
+    def __init__(self, config: HunyuanImage3Config, params_dtype: torch.dtype | None = None,
+                 quantization: str | None = None):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size, dtype=params_dtype)
         self.layers = nn.ModuleList(
-            HunyuanImage3DecoderLayer(config, i, params_dtype, prefix=f"model.layers.{i}")
+            HunyuanImage3DecoderLayer(config, i, params_dtype, prefix=f"model.layers.{i}", quantization=quantization)
             for i in range(config.num_hidden_layers)
         )
 
@@ -131,14 +133,17 @@ class HunyuanImage3Model(nn.Module):
 class HunyuanImage3Transformer2DModel(nn.Module):
     """Velocity predictor of HunyuanImage-3.0; module names are the checkpoint's names.
 
-    Build it after ``omni_ep.distributed.init_parallel_state``; load it with ``from_pretrained``.
+    Build it after ``omni_ep.distributed.init_parallel_state``; load it with ``from_pretrained``. quantization
+    "fp8": the routed experts in FP8 (``omni_ep.layers.fused_moe.fp8``; not exact), everything else in
+    params_dtype.
     """
 
-    def __init__(self, config: HunyuanImage3Config, params_dtype: torch.dtype | None = None):
+    def __init__(self, config: HunyuanImage3Config, params_dtype: torch.dtype | None = None,
+                 quantization: str | None = None):
         super().__init__()
         self.config = config
         H, C, P = config.hidden_size, config.latent_channels, config.patch_embed_hidden_dim
-        self.model = HunyuanImage3Model(config, params_dtype)
+        self.model = HunyuanImage3Model(config, params_dtype, quantization)
         self.timestep_emb = HunyuanTimestepEmbedder(H)
         self.time_embed = HunyuanTimestepEmbedder(H)
         self.time_embed_2 = HunyuanTimestepEmbedder(H)

@@ -7,6 +7,9 @@ Every implementation computes, for each row m,
     out[m] = sum_{k : topk_ids[m, k] >= 0} topk_weights[m, k] * down_e(silu(gate_e(x_m)) * up_e(x_m))
 with e = topk_ids[m, k] a LOCAL expert id. Slots holding -1 belong to experts on other ranks and are
 skipped; a row with no local slot is zero. Accumulation is fp32; the result has the dtype of x.
+
+FP8 experts (fp8.py): w13 and w2 in e4m3fn with scales w13_scale [E, 2I] and w2_scale [E, H] (one per weight
+row); x and the SwiGLU output h are quantized per row inside apply.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class LocalExperts(ABC):
     """
 
     name: str = ""
+    supports_fp8: bool = False  # takes e4m3fn weights with their scales
 
     @classmethod
     def unsupported_reason(cls, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -39,5 +43,25 @@ class LocalExperts(ABC):
         topk_weights: torch.Tensor,  # [M, K] fp32
         w13: torch.Tensor,  # [E, 2I, H]
         w2: torch.Tensor,  # [E, H, I]
+        w13_scale: torch.Tensor | None = None,  # [E, 2I] fp32, with FP8 weights
+        w2_scale: torch.Tensor | None = None,  # [E, H] fp32, with FP8 weights
     ) -> torch.Tensor:  # [M, H]
         ...
+
+
+def check_fp8_weights(where: str, w13, w2, w13_scale, w2_scale) -> bool:
+    """Whether the weights are FP8 (e4m3fn, with their scales [E, 2I] and [E, H]); raise when the weights and
+    scales do not go together."""
+    from omni_ep.layers.fused_moe.fp8 import FP8_DTYPE
+
+    fp8 = w13.dtype == FP8_DTYPE
+    if fp8 != (w2.dtype == FP8_DTYPE) or fp8 != (w13_scale is not None) or fp8 != (w2_scale is not None):
+        raise ValueError(
+            f"{where}: FP8 experts need both weights in {FP8_DTYPE} and both scales; got w13 {w13.dtype}, "
+            f"w2 {w2.dtype}, w13_scale {'given' if w13_scale is not None else 'None'}, "
+            f"w2_scale {'given' if w2_scale is not None else 'None'}"
+        )
+    if fp8 and (w13_scale.shape != w13.shape[:2] or w2_scale.shape != w2.shape[:2]):
+        raise ValueError(f"{where}: scales {tuple(w13_scale.shape)}, {tuple(w2_scale.shape)} do not match the weights' "
+                         f"rows {tuple(w13.shape[:2])}, {tuple(w2.shape[:2])}")
+    return fp8

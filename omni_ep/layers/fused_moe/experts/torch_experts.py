@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from omni_ep.layers.fused_moe.experts.base import LocalExperts
+from omni_ep.layers.fused_moe.experts.base import LocalExperts, check_fp8_weights
+from omni_ep.layers.fused_moe.fp8 import quantize_rows
 
 
 def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -36,12 +37,27 @@ def grouped_linear(x_PD: torch.Tensor, w_EFD: torch.Tensor, counts: list[int]) -
     return torch.cat(out) if out else x_PD.new_empty(0, w_EFD.shape[1])
 
 
+def scaled_grouped_linear(x_PD: torch.Tensor, w_q_EFD: torch.Tensor, w_scale_EF: torch.Tensor,
+                          counts: list[int]) -> torch.Tensor:
+    """FP8 weights with their row scales: rows of x sorted by expert, each quantized per row, times w_q[e]; fp32
+    [P, F], the products of e4m3 values summed in fp32 and scaled as the Triton kernels' epilogues do."""
+    x_q, x_scale = quantize_rows(x_PD)
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        rows = slice(start, start + n)
+        acc = x_q[rows].float() @ w_q_EFD[e].float().t()
+        out.append(acc * x_scale[rows].unsqueeze(1) * w_scale_EF[e].unsqueeze(0))
+        start += n
+    return torch.cat(out) if out else x_PD.new_empty(0, w_q_EFD.shape[1], dtype=torch.float32)
+
+
 class TorchExperts(LocalExperts):
     """Sort + grouped matmul path; the reference every other implementation is checked against."""
 
     name = "torch"
+    supports_fp8 = True
 
-    def apply(self, hidden_states, topk_ids, topk_weights, w13, w2):
+    def apply(self, hidden_states, topk_ids, topk_weights, w13, w2, w13_scale=None, w2_scale=None):
         x_MH = hidden_states
         M, K = topk_ids.shape
         E, I = w13.shape[0], w2.shape[2]
@@ -56,10 +72,14 @@ class TorchExperts(LocalExperts):
             return out_MH.to(x_MH.dtype)
         order_P = order_P[:num_pairs]
         token_P = order_P // K
-        gate_up_P2I = grouped_linear(x_MH[token_P], w13, counts)
-        gate, up = gate_up_P2I.split(I, dim=-1)
-        h_PI = F.silu(gate) * up
-        y_PH = grouped_linear(h_PI, w2, counts).float()
+        if check_fp8_weights("TorchExperts", w13, w2, w13_scale, w2_scale):
+            gate, up = scaled_grouped_linear(x_MH[token_P], w13, w13_scale, counts).split(I, dim=-1)
+            h_PI = (gate * torch.sigmoid(gate) * up).to(x_MH.dtype)  # as the Triton gate_up stores it
+            y_PH = scaled_grouped_linear(h_PI, w2, w2_scale, counts)
+        else:
+            gate, up = grouped_linear(x_MH[token_P], w13, counts).split(I, dim=-1)
+            h_PI = F.silu(gate) * up
+            y_PH = grouped_linear(h_PI, w2, counts).float()
         y_PH *= topk_weights.reshape(-1)[order_P].float().unsqueeze(1)
         out_MH.index_add_(0, token_P, y_PH)
         return out_MH.to(x_MH.dtype)

@@ -168,6 +168,15 @@ def fit_fp32(config: MoEConfig) -> MoEConfig:
     return dataclasses.replace(config, gate_up=fit(config.gate_up), down=fit(config.down))
 
 
+def fit_fp8(config: MoEConfig) -> MoEConfig:
+    """FP8 operands: the bf16 tiles with K steps twice as long (the same bytes a stage), by the pointer or tma
+    kernels (the Gluon kernels take 16-bit operands)."""
+    def fit(c: GemmConfig) -> GemmConfig:
+        return dataclasses.replace(c, kernel="pointer" if c.kernel == "pointer" else "tma", block_k=2 * c.block_k)
+
+    return dataclasses.replace(config, gate_up=fit(config.gate_up), down=fit(config.down))
+
+
 @functools.lru_cache(maxsize=None)
 def load_config_file(path: Path) -> dict[int, MoEConfig]:
     """{M: config} of a tuned file; a key other than a token count or "_meta", or a bad entry, is an error

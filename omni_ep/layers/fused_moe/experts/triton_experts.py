@@ -1,6 +1,7 @@
 """Local-expert compute in Triton: align pairs to blocks, gate_up GEMM + SwiGLU, down GEMM + weight +
 un-permute (in its stores, or, where down writes expert-sorted rows, in the top-k sum's loads), top-k sum. No
-host sync anywhere: safe for CUDA graphs and overlapped communication.
+host sync anywhere: safe for CUDA graphs and overlapped communication. FP8 weights: x and h are quantized per row
+(quantize_rows.py) before their GEMM, which scales its fp32 accumulator in the epilogue.
 
 Shape legend: M tokens, K top-k slots, P = M*K pairs, H hidden, I intermediate, E local experts,
 R padded expert-sorted rows.
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from omni_ep.layers.fused_moe.experts.base import LocalExperts
-from omni_ep.layers.fused_moe.experts.triton_configs import MoEConfig, fit_fp32, moe_config
+from omni_ep.layers.fused_moe.experts.base import LocalExperts, check_fp8_weights
+from omni_ep.layers.fused_moe.experts.triton_configs import MoEConfig, fit_fp8, fit_fp32, moe_config
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -32,6 +33,7 @@ class TritonExperts(LocalExperts):
     """
 
     name = "triton"
+    supports_fp8 = True
 
     def __init__(self, config: MoEConfig | dict | None = None, config_dir: Path | None = None):
         self.config = MoEConfig.from_dict(config) if isinstance(config, dict) else config
@@ -69,10 +71,11 @@ class TritonExperts(LocalExperts):
             return torch.cuda.get_device_properties(device).multi_processor_count
         return 4  # the interpreter runs programs one after another: a few suffice
 
-    def apply(self, hidden_states, topk_ids, topk_weights, w13, w2):
+    def apply(self, hidden_states, topk_ids, topk_weights, w13, w2, w13_scale=None, w2_scale=None):
         from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks
         from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import down_unpermute
         from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gate_up_swiglu
+        from omni_ep.layers.fused_moe.experts.triton_kernels.quantize_rows import quantize_rows_fp8
         from omni_ep.layers.fused_moe.experts.triton_kernels.topk_sum import topk_sum
 
         x_MH = hidden_states
@@ -88,15 +91,25 @@ class TritonExperts(LocalExperts):
                 f"{tuple(topk_ids.shape)}, topk_weights {tuple(topk_weights.shape)}, w13 {tuple(w13.shape)} "
                 f"(want [E, 2I, H]), w2 {tuple(w2.shape)} (want [E, H, I])."
             )
-        if w13.dtype != x_MH.dtype or w2.dtype != x_MH.dtype:
+        fp8 = check_fp8_weights("TritonExperts", w13, w2, w13_scale, w2_scale)
+        if not fp8 and (w13.dtype != x_MH.dtype or w2.dtype != x_MH.dtype):
             raise ValueError(
                 f"TritonExperts: weights ({w13.dtype}, {w2.dtype}) must have the activations' dtype {x_MH.dtype}."
             )
         x_MH, w13, w2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_MH, w13, w2))
         config = self.config_for(x_MH, E, I)
+        if fp8:
+            config = fit_fp8(config)
         K = topk_ids.shape[1]
         sms = self.num_sms(x_MH.device)
         align = align_pairs_to_blocks(topk_ids, E, config.block_m)
-        h_RI = gate_up_swiglu(x_MH, w13, align, K, config.gate_up, sms)
-        y, row_of_pair_P = down_unpermute(h_RI, w2, topk_weights, align, config.down, sms)
+        if not fp8:
+            h_RI = gate_up_swiglu(x_MH, w13, align, K, config.gate_up, sms)
+            y, row_of_pair_P = down_unpermute(h_RI, w2, topk_weights, align, config.down, sms)
+            return topk_sum(y, topk_ids, E, row_of_pair_P)
+        x_q_MH, x_scale_M = quantize_rows_fp8(x_MH)
+        h_RI = gate_up_swiglu(x_q_MH, w13, align, K, config.gate_up, sms, x_scale_M, w13_scale, x_MH.dtype)
+        h_q_RI, h_scale_R = quantize_rows_fp8(h_RI, align.num_padded_rows)
+        y, row_of_pair_P = down_unpermute(h_q_RI, w2, topk_weights, align, config.down, sms, h_scale_R, w2_scale,
+                                          x_MH.dtype)
         return topk_sum(y, topk_ids, E, row_of_pair_P)

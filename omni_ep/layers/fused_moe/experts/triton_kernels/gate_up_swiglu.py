@@ -51,11 +51,11 @@ def _gather_sorted_rows_kernel(x_ptr, x_sorted_ptr, sorted_pair_ptr, num_padded_
 
 @triton.jit
 def _gate_up_tile(
-    x_ptr, w13_ptr, w_desc, h_ptr, sorted_pair_ptr,
+    x_ptr, w13_ptr, w_desc, h_ptr, sorted_pair_ptr, x_scale_ptr, w_scale_ptr,
     expert, row0, n_block, num_pairs, top_k, H, I,
-    stride_xm, stride_we, stride_wn, stride_hm,
+    stride_xm, stride_we, stride_wn, stride_hm, stride_se,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, SCALED: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of h: sorted rows row0.. of expert `expert`, columns of n_block."""
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -89,6 +89,11 @@ def _gate_up_tile(
             x_ptrs += BLOCK_K
             gate_ptrs += BLOCK_K
             up_ptrs += BLOCK_K
+    if SCALED:  # FP8 operands: x row scales times the gate / up weight rows' scales
+        x_scale = tl.load(x_scale_ptr + token)[:, None]
+        w_scales = w_scale_ptr + expert * stride_se + cols % I
+        acc_gate = acc_gate * x_scale * tl.load(w_scales)[None, :]
+        acc_up = acc_up * x_scale * tl.load(w_scales + I)[None, :]
     h = (acc_gate * tl.sigmoid(acc_gate) * acc_up).to(h_ptr.dtype.element_ty)
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + cols[None, :]
     tl.store(h_ptrs, h, mask=cols[None, :] < I)
@@ -97,21 +102,21 @@ def _gate_up_tile(
 @triton.jit
 def _gate_up_swiglu_kernel(
     x_ptr, w13_ptr, w_desc, h_ptr,
-    sorted_pair_ptr, block_expert_ptr, num_padded_ptr,
+    sorted_pair_ptr, block_expert_ptr, num_padded_ptr, x_scale_ptr, w_scale_ptr,
     num_pairs, top_k, H, I,
-    stride_xm, stride_we, stride_wn, stride_hm,
+    stride_xm, stride_we, stride_wn, stride_hm, stride_se,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, SCALED: tl.constexpr,
 ):
     num_m_blocks = tl.load(num_padded_ptr) // BLOCK_M
     num_n_blocks = tl.cdiv(I, BLOCK_N)
     for tile in range(tl.program_id(0), num_m_blocks * num_n_blocks, tl.num_programs(0)):
         m_block, n_block = grouped_tile(tile, num_m_blocks, num_n_blocks, GROUP_M)
         expert = tl.load(block_expert_ptr + m_block).to(tl.int64)
-        _gate_up_tile(x_ptr, w13_ptr, w_desc, h_ptr, sorted_pair_ptr,
+        _gate_up_tile(x_ptr, w13_ptr, w_desc, h_ptr, sorted_pair_ptr, x_scale_ptr, w_scale_ptr,
                       expert, m_block * BLOCK_M, n_block, num_pairs, top_k, H, I,
-                      stride_xm, stride_we, stride_wn, stride_hm,
-                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA)
+                      stride_xm, stride_we, stride_wn, stride_hm, stride_se,
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, SCALED)
 
 
 def gather_sorted_rows(x_MH: torch.Tensor, align: BlockAlignment, top_k: int) -> torch.Tensor:
@@ -131,7 +136,7 @@ def gather_sorted_rows(x_MH: torch.Tensor, align: BlockAlignment, top_k: int) ->
 def gate_up_kernel(x_MH: torch.Tensor, w13_E2IH: torch.Tensor, block_m: int, config: GemmConfig) -> str:
     """The kernel gate_up_swiglu runs: config.kernel where it can run these tensors and tiles, else the next
     one down (gluon -> tma -> pointer; see gluon_gate_up_fits and tma_fits)."""
-    if config.kernel == "gluon" and x_MH.is_cuda:
+    if config.kernel == "gluon" and x_MH.is_cuda and x_MH.element_size() > 1:
         gluon = gluon_module("gate_up_swiglu_gluon")
         if gluon is not None and gluon.gluon_gate_up_fits(x_MH, w13_E2IH, block_m, config):
             return "gluon"
@@ -141,9 +146,12 @@ def gate_up_kernel(x_MH: torch.Tensor, w13_E2IH: torch.Tensor, block_m: int, con
 
 
 def gate_up_swiglu(
-    x_MH: torch.Tensor, w13_E2IH: torch.Tensor, align: BlockAlignment, top_k: int, config: GemmConfig, num_sms: int
+    x_MH: torch.Tensor, w13_E2IH: torch.Tensor, align: BlockAlignment, top_k: int, config: GemmConfig, num_sms: int,
+    x_scale_M: torch.Tensor | None = None, w13_scale_E2I: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [M, H], w13 [E, 2I, H] (gate rows, then up rows) -> h [R, I] in the expert-sorted row layout."""
+    """x [M, H], w13 [E, 2I, H] (gate rows, then up rows) -> h [R, I] in the expert-sorted row layout, in
+    out_dtype (default x's). FP8 operands (fp8.py) come with their scales: x_scale [M], w13_scale [E, 2I]."""
     E, two_I, H = w13_E2IH.shape
     I = two_I // 2
     block_m = align.block_m
@@ -152,16 +160,19 @@ def gate_up_swiglu(
     if kernel == "gluon":
         return gluon_module("gate_up_swiglu_gluon").gate_up_swiglu_gluon(x_MH, w13_E2IH, align, top_k, config,
                                                                          programs)
-    h_RI = torch.empty(align.sorted_pair_R.numel(), I, dtype=x_MH.dtype, device=x_MH.device)
+    h_RI = torch.empty(align.sorted_pair_R.numel(), I, dtype=out_dtype or x_MH.dtype, device=x_MH.device)
+    scaled = x_scale_M is not None
     tma = kernel == "tma"
     w_desc = tma_descriptor(w13_E2IH.view(2 * E, I, H), 2, config.block_n, config.block_k) if tma else None
     _gate_up_swiglu_kernel[(programs,)](
         x_MH, w13_E2IH, w_desc, h_RI,
-        align.sorted_pair_R, align.block_expert_B, align.num_padded_rows,
+        align.sorted_pair_R, align.block_expert_B, align.num_padded_rows, x_scale_M, w13_scale_E2I,
         align.num_pairs, top_k, H, I,
         x_MH.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1), h_RI.stride(0),
+        w13_scale_E2I.stride(0) if scaled else 0,
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         EVEN_K=H % config.block_k == 0, DOT_PRECISION="ieee" if x_MH.dtype == torch.float32 else "tf32", TMA=tma,
+        SCALED=scaled,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return h_RI
