@@ -6,10 +6,12 @@ lags), then back to back for a share of the budget, timed. Reported: the median 
 ceiling as the median of the per-round ratios (see interleaved_ms: the lent cards run at their power cap,
 where this is what holds still):
   triton        omni_ep TritonExperts (tuned configs from the package, or --config-dir)
+  triton_fp8    the same with FP8 weights (quantization "fp8": a scale per weight row, activations per row)
   torch         omni_ep TorchExperts (sort + torch._grouped_mm)
   hf_<impl>     transformers' hunyuan_v1_moe experts block, once per experts implementation it offers
   dense_loop    a per-expert loop over a dense [T, E, capacity] dispatch, like the official eager path
   cublas        the ceiling: one cuBLAS bf16 matmul [P, H] x [H, 3I] with the same FLOPs
+  cublas_fp8    the FP8 ceiling: torch._scaled_mm of the same shapes in e4m3, row-wise scales (with triton_fp8)
 
 Expert parallel is modelled as one rank: E_local = 64 / EP. Router logits are drawn over all 64 experts,
 softmax then top-8 (renormalised), and the slots whose expert is not among this rank's first E_local experts
@@ -51,6 +53,7 @@ from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to
 from omni_ep.layers.fused_moe.experts.triton_kernels.down_unpermute import down_unpermute  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gate_up_swiglu  # noqa: E402
 from omni_ep.layers.fused_moe.experts.triton_kernels.topk_sum import topk_sum  # noqa: E402
+from omni_ep.layers.fused_moe.fp8 import quantize_rows  # noqa: E402
 
 NUM_GLOBAL_EXPERTS = 64
 
@@ -223,6 +226,12 @@ def triton_stages_ms(x, ids, weights, w13, w2, config_dir, budget_ms) -> dict:
     }
 
 
+def quantized_weights(w13, w2):
+    """(w13_q, w2_q, w13_scale, w2_scale): each expert's rows to FP8 as FusedMoE's loader does, one at a time."""
+    (w13_q, w13_s), (w2_q, w2_s) = (zip(*(quantize_rows(w[e]) for e in range(w.shape[0]))) for w in (w13, w2))
+    return torch.stack(w13_q), torch.stack(w2_q), torch.stack(w13_s), torch.stack(w2_s)
+
+
 def bench_case(num_tokens: int, num_local: int, args, generator, w13, w2, contenders: set[str]) -> dict:
     H, I, K = args.hidden, args.intermediate, args.top_k
     dev = "cuda"
@@ -231,8 +240,10 @@ def bench_case(num_tokens: int, num_local: int, args, generator, w13, w2, conten
     pairs = int((ids >= 0).sum())
     flops = 2 * 3 * H * I * pairs
     ids_sentinel = torch.where(ids >= 0, ids, num_local).long()  # transformers' EP sentinel: id == E
+    w_fp8 = quantized_weights(w13, w2) if "triton_fp8" in contenders else None
     fns = {
         "triton": lambda: TritonExperts(config_dir=args.config_dir).apply(x, ids, weights, w13, w2),
+        "triton_fp8": lambda: TritonExperts(config_dir=args.config_dir).apply(x, ids, weights, *w_fp8),
         "torch": lambda: TorchExperts().apply(x, ids, weights, w13, w2),
         "dense_loop": lambda: dense_dispatch_loop(x, ids, weights, w13, w2),
     }
@@ -246,6 +257,10 @@ def bench_case(num_tokens: int, num_local: int, args, generator, w13, w2, conten
     b = torch.randn(H, 3 * I, device=dev, dtype=torch.bfloat16, generator=generator)
     row = {"tokens": num_tokens, "experts_local": num_local, "local_pairs": pairs, "tflop": flops / 1e12}
     results, timed = {}, {"cublas": lambda: a @ b}
+    if "triton_fp8" in contenders:
+        (a_q, a_scale), (b_q, b_scale) = quantize_rows(a), quantize_rows(b.t())
+        timed["cublas_fp8"] = lambda: torch._scaled_mm(a_q, b_q.t(), a_scale[:, None], b_scale[None, :],
+                                                       out_dtype=torch.bfloat16)
     with torch.inference_mode():
         reference = TorchExperts().apply(x.float(), ids, weights, w13.float(), w2.float())
         for name, fn in fns.items():  # correctness first; the ones that run are timed together below

@@ -65,6 +65,7 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-loads", default=None, help="the expert-loads JSON that placement balanced splits by")
     p.add_argument("--cuda-graph", action="store_true", help="replay the cached steps as a CUDA graph")
     p.add_argument("--experts-backend", default=None, help="local-experts implementation (default: the platform's)")
+    p.add_argument("--quantization", default=None, choices=["fp8"], help="fp8: the routed experts in FP8 (not exact)")
 
 
 def make_model_dir(pkg: str, kind: str, layers: int, num_experts: int, directory: str,
@@ -124,8 +125,9 @@ def load_pipeline(args):
     path, load_format = world.all_gather_object((path, load_format))[0]
     pipelines = importlib.import_module(f"{args.package}.pipelines")
     t0 = time.perf_counter()
+    quantization = {"quantization": args.quantization} if args.quantization else {}  # older packages lack it
     pipe = pipelines.HunyuanImage3Pipeline.from_pretrained(path, torch_dtype=getattr(torch, args.dtype),
-                                                           load_format=load_format)
+                                                           load_format=load_format, **quantization)
     load_s = time.perf_counter() - t0
     pipe.set_progress_bar_config(disable=True)
     pipe.cuda_graphs = args.cuda_graph
@@ -143,7 +145,7 @@ def run_meta(args, pipe, load_s) -> dict:
                 package=args.package, layout=importlib.import_module(f"{args.package}.distributed").get_parallel_config().describe(),
                 model=args.model, variant=args.variant, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, experts=cfg.num_experts,
                 height=args.height, width=args.width, guidance=args.guidance_scale, dtype=args.dtype, load_s=load_s,
-                cuda_graph=args.cuda_graph,
+                cuda_graph=args.cuda_graph, quantization=args.quantization,
                 tf32=torch.backends.cuda.matmul.allow_tf32)
 
 

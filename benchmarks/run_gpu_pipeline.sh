@@ -11,6 +11,9 @@
 #   bash benchmarks/run_gpu_pipeline.sh nccl_collectives   # the collectives alone under NCCL settings (about 2 min)
 #   bash benchmarks/run_gpu_pipeline.sh balanced  # expert loads recorded, placement linear vs balanced, full size
 #                                                 # (about 8 min)
+#   bash benchmarks/run_gpu_pipeline.sh fp8_kernels  # FP8 experts: GPU tests, bench_moe bf16 vs FP8 (about 2 min)
+#   bash benchmarks/run_gpu_pipeline.sh fp8       # FP8 experts: agreement (real width, 4 layers) and full size: EP2
+#                                                 # layouts exact and FP8, TP2 without EP, FP8 on one GPU (about 8 min)
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh ab [LAYOUT...]   # every package in .ab_base and this one, full size,
 #                                                 # in turn twice (about 2.5 min a package); LAYOUT:
@@ -147,6 +150,35 @@ balanced)
   clocks_per_run balanced
   timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py $FULL --steps 12 --from-step 3 $CFG2_EP2 $BAL \
     --json "$OUT/profile_2xh200_cfg2_ep2_all2all_balanced.json" 2>&1 | tee -a "$FULL_LOG" | grep -E "window|experts  |nccl  |NCCL"
+  ;;
+fp8_kernels)
+  # The FP8 experts on GPU 0: the GPU tests, then bf16 vs FP8 at EP2's E_local 32 (and 64: one GPU) with the
+  # cuBLAS bf16 and FP8 ceilings, in one process.
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -m gpu tests/gpu -k fp8 2>&1 | tee -a "$FULL_LOG" | tail -5
+  CUDA_VISIBLE_DEVICES=0 timeout 400 python3 benchmarks/bench_moe.py --tokens 8194 16388 --experts 32 64 \
+    --contenders triton triton_fp8 --json "$OUT/moe_fp8_h200.json" --table "$OUT/moe_fp8_h200.md" 2>&1 \
+    | tee -a "$FULL_LOG" | tail -14
+  ;;
+fp8)
+  # FP8 experts (quantization fp8; not exact). Real width, 4 layers, 512x512, 10 steps, bf16: one GPU exact,
+  # one GPU FP8 and CFG2 + EP2 FP8 vs it (latents, image PSNR). Full size: CFG2 + EP2 all2all exact and FP8, TP2 +
+  # EP2 all2all graph FP8, TP2 without EP (the ratios' base), FP8 on one GPU (the whole model on one H200).
+  R4="--model real-dummy --layers 4 --image-base-size 512 --height 512 --width 512 --steps 10 --no-timing"
+  $B $R4 --save-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1; echo "[${SECONDS} s]"
+  $B $R4 --quantization fp8 --save-output "$S/real4_1gpu_fp8.pt" --compare-output "$S/real4_1gpu.pt" 2>&1 \
+    | tee -a "$FULL_LOG" | grep -E "vs |Error"
+  $T2 $R4 $CFG2_EP2 --quantization fp8 --compare-output "$S/real4_1gpu_fp8.pt" "$S/real4_1gpu.pt" 2>&1 \
+    | tee -a "$FULL_LOG" | grep -E "SP=|vs |Error"; echo "[${SECONDS} s]"
+  FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"
+  sample_clocks fp8
+  run() { name=$1; shift; echo "== $name"; $T2 $FULL "$@" --json "$S/pipeline_2xh200_$name.json" 2>&1 | tee -a "$FULL_LOG" | tail -3; }
+  run cfg2_ep2_all2all $CFG2_EP2
+  run cfg2_ep2_all2all_fp8 $CFG2_EP2 --quantization fp8
+  run tp2_ep2_all2all_graph_fp8 --tensor-parallel-size 2 $EP --all2all-backend all2all --cuda-graph --quantization fp8
+  run tp2_no_ep --tensor-parallel-size 2
+  echo "== 1gpu_fp8"
+  $B $FULL --quantization fp8 --json "$S/pipeline_h200_1gpu_fp8.json" 2>&1 | tee -a "$FULL_LOG" | tail -3
+  clocks_per_run fp8
   ;;
 distil)
   # Instruct-Distil (dummy weights, 32 layers, 1024x1024, bf16, 8 steps): s/image with the VAE decode, peak memory

@@ -162,6 +162,48 @@ def test_triton_experts_against_fp32(name):
         assert torch.equal(out, tma_out), "the gluon kernels and the tma kernels with the same tiles differ"
 
 
+FP8_CASES = {
+    # name: (M, E, routing, config; None: the shipped files')
+    "pointer 16-row blocks, skewed, empty experts": (300, 64, "skewed", SMALL_ROWS),
+    "tma, non-local rows": (1025, 16, "no_local_rows", _config("tma", "tma")),
+    "gluon runs as tma, 8194": (8194, 32, "uniform", _config("gluon", "gluon")),
+    "shipped config, 16388, skewed": (16388, 32, "skewed", None),
+}
+
+
+@pytest.mark.parametrize("name", list(FP8_CASES))
+def test_fp8_triton_experts_against_the_torch_reference(name):
+    """FP8 weights (a scale per row): Triton vs the torch FP8 reference within 1e-2 (the bf16 h and the
+    accumulation order flip a few e4m3 roundings), and vs the exact bf16 output as far as FP8 goes."""
+    from omni_ep.layers.fused_moe.fp8 import quantize_rows
+
+    if not _hopper():
+        pytest.skip("FP8 tensor cores: Hopper")
+    M, E, routing, config = FP8_CASES[name]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator("cuda").manual_seed(sum(map(ord, name)))
+    x = torch.randn(M, H, device="cuda", dtype=BF16, generator=gen)
+    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=BF16, generator=gen) * H**-0.5
+    w2 = torch.randn(E, H, I, device="cuda", dtype=BF16, generator=gen) * I**-0.5
+    ids, weights = _routing(M, E, routing, gen)
+    (w13_q, w13_s), (w2_q, w2_s) = quantize_rows(w13), quantize_rows(w2)
+    outs = []
+    for _ in range(2):
+        _poison_allocator()
+        outs.append(TritonExperts(config).apply(x, ids, weights, w13_q, w2_q, w13_s, w2_s))
+    out = outs[0]
+    ref = TorchExperts().apply(x, ids, weights, w13_q, w2_q, w13_s, w2_s).float()
+    exact = TorchExperts().apply(x.float(), ids, weights, w13.float(), w2.float())
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    fp8_err = ((out.float() - exact).norm() / exact.norm()).item()
+    assert out.shape == (M, H) and out.dtype == BF16
+    assert bool(torch.isfinite(out).all()), "an output element was not written (NaN from the poisoned allocator)"
+    assert err < 1e-2, f"relative error {err:.2e} vs the torch FP8 reference"
+    assert 1e-3 < fp8_err < 0.1, f"FP8 output {fp8_err:.2e} from the exact one"
+    assert torch.equal(outs[0], outs[1]), "two runs differ"
+    assert bool((out[(ids < 0).all(1)] == 0).all()), "a row without a local slot is not zero"
+
+
 @pytest.mark.parametrize("fp32", [False, True])
 def test_tma_falls_back_to_pointer_where_the_copy_engine_cannot_read_the_weights(fp32):
     """Weights as a padded view (rows not contiguous over the expert axis): every GEMM runs by pointer."""
