@@ -258,7 +258,7 @@ def bench_case(num_tokens: int, num_local: int, args, generator, w13, w2, conten
     row = {"tokens": num_tokens, "experts_local": num_local, "local_pairs": pairs, "tflop": flops / 1e12}
     results, timed = {}, {"cublas": lambda: a @ b}
     if "triton_fp8" in contenders:
-        (a_q, a_scale), (b_q, b_scale) = quantize_rows(a), quantize_rows(b.t())
+        (a_q, a_scale), (b_q, b_scale) = quantize_rows(a), quantize_rows(b.t().contiguous())
         timed["cublas_fp8"] = lambda: torch._scaled_mm(a_q, b_q.t(), a_scale[:, None], b_scale[None, :],
                                                        out_dtype=torch.bfloat16)
     with torch.inference_mode():

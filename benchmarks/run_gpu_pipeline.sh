@@ -154,7 +154,7 @@ balanced)
 fp8_kernels)
   # The FP8 experts on GPU 0: the GPU tests, then bf16 vs FP8 at EP2's E_local 32 (and 64: one GPU) with the
   # cuBLAS bf16 and FP8 ceilings, in one process.
-  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -m gpu tests/gpu -k fp8 2>&1 | tee -a "$FULL_LOG" | tail -5
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -s -m gpu tests/gpu -k fp8 2>&1 | tee -a "$FULL_LOG" | grep -E "^FP8|passed|failed|Error"
   CUDA_VISIBLE_DEVICES=0 timeout 400 python3 benchmarks/bench_moe.py --tokens 8194 16388 --experts 32 64 \
     --contenders triton triton_fp8 --json "$OUT/moe_fp8_h200.json" --table "$OUT/moe_fp8_h200.md" 2>&1 \
     | tee -a "$FULL_LOG" | tail -14

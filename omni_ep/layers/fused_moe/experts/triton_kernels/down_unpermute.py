@@ -24,6 +24,7 @@ import triton.language as tl
 from omni_ep.layers.fused_moe.experts.triton_configs import GemmConfig
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
 from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import (
+    fp8_accumulation,
     gluon_module,
     grouped_tile,
     persistent_programs,
@@ -41,6 +42,7 @@ def _down_tile(
     stride_hm, stride_we, stride_wn, stride_ym, stride_se,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, SCALED: tl.constexpr,
+    FP8_ACC: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile: sorted rows row0.. of expert `expert`, columns of n_block."""
     rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -53,13 +55,13 @@ def _down_tile(
         for k in range(0, tl.cdiv(I, BLOCK_K)):
             a = h_desc.load([row0, k * BLOCK_K])
             b = w_desc.load([w_row, k * BLOCK_K])
-            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION, max_num_imprecise_acc=FP8_ACC)
     else:
         w_cols = cols % H
         ks = tl.arange(0, BLOCK_K)
         h_ptrs = h_ptr + rows[:, None] * stride_hm + ks[None, :]
         w_ptrs = w2_ptr + expert * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
-        acc = pointer_k_loop(h_ptrs, w_ptrs, ks, I, acc, BLOCK_K, EVEN_K, DOT_PRECISION)
+        acc = pointer_k_loop(h_ptrs, w_ptrs, ks, I, acc, BLOCK_K, EVEN_K, DOT_PRECISION, FP8_ACC)
     pair = tl.load(sorted_pair_ptr + rows)
     is_pair = pair < num_pairs
     weight = tl.load(topk_weights_ptr + pair, mask=is_pair, other=0.0).to(tl.float32)
@@ -79,6 +81,7 @@ def _down_unpermute_kernel(
     stride_hm, stride_we, stride_wn, stride_ym, stride_se,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, SCALED: tl.constexpr,
+    FP8_ACC: tl.constexpr,
 ):
     num_m_blocks = tl.load(num_padded_ptr) // BLOCK_M
     num_n_blocks = tl.cdiv(H, BLOCK_N)
@@ -87,7 +90,7 @@ def _down_unpermute_kernel(
         expert = tl.load(block_expert_ptr + m_block).to(tl.int64)
         _down_tile(h_ptr, h_desc, w2_ptr, w_desc, y_ptr, topk_weights_ptr, sorted_pair_ptr, h_scale_ptr,
                    w_scale_ptr, expert, m_block * BLOCK_M, n_block, num_pairs, H, I, stride_hm, stride_we, stride_wn,
-                   stride_ym, stride_se, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, SCALED)
+                   stride_ym, stride_se, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, SCALED, FP8_ACC)
 
 
 def down_kernel(h_RI: torch.Tensor, w2_EHI: torch.Tensor, block_m: int, config: GemmConfig) -> tuple[str, bool]:
@@ -142,7 +145,7 @@ def down_unpermute(
         h_RI.stride(0), w2_EHI.stride(0), w2_EHI.stride(1), y.stride(0), w2_scale_EH.stride(0) if scaled else 0,
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         EVEN_K=I % config.block_k == 0, DOT_PRECISION="ieee" if h_RI.dtype == torch.float32 else "tf32", TMA=tma,
-        SCALED=scaled,
+        SCALED=scaled, FP8_ACC=fp8_accumulation(h_RI, config.block_k),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y, None

@@ -22,6 +22,7 @@ import triton.language as tl
 from omni_ep.layers.fused_moe.experts.triton_configs import GemmConfig
 from omni_ep.layers.fused_moe.experts.triton_kernels.align import BlockAlignment
 from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import (
+    fp8_accumulation,
     gluon_module,
     grouped_tile,
     load_k_step,
@@ -56,6 +57,7 @@ def _gate_up_tile(
     stride_xm, stride_we, stride_wn, stride_hm, stride_se,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, SCALED: tl.constexpr,
+    FP8_ACC: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of h: sorted rows row0.. of expert `expert`, columns of n_block."""
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -72,7 +74,8 @@ def _gate_up_tile(
         for k in range(0, tl.cdiv(H, BLOCK_K)):
             a = load_k_step(x_ptrs + k * BLOCK_K, ks, H - k * BLOCK_K, EVEN_K, 1)
             b = w_desc.load([(2 * expert).to(tl.int32), n_block * BLOCK_N, k * BLOCK_K])
-            acc = tl.dot(a, tl.reshape(b, (2 * BLOCK_N, BLOCK_K)).T, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a, tl.reshape(b, (2 * BLOCK_N, BLOCK_K)).T, acc, input_precision=DOT_PRECISION,
+                         max_num_imprecise_acc=FP8_ACC)
         acc_gate, acc_up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
     else:
         w_cols = cols % I  # wrap instead of masking the weight loads; wrapped columns are not stored
@@ -84,8 +87,8 @@ def _gate_up_tile(
             a = load_k_step(x_ptrs, ks, H - k * BLOCK_K, EVEN_K, 1)
             g = load_k_step(gate_ptrs, ks, H - k * BLOCK_K, EVEN_K, 0)
             u = load_k_step(up_ptrs, ks, H - k * BLOCK_K, EVEN_K, 0)
-            acc_gate = tl.dot(a, g, acc_gate, input_precision=DOT_PRECISION)
-            acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION)
+            acc_gate = tl.dot(a, g, acc_gate, input_precision=DOT_PRECISION, max_num_imprecise_acc=FP8_ACC)
+            acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION, max_num_imprecise_acc=FP8_ACC)
             x_ptrs += BLOCK_K
             gate_ptrs += BLOCK_K
             up_ptrs += BLOCK_K
@@ -107,6 +110,7 @@ def _gate_up_swiglu_kernel(
     stride_xm, stride_we, stride_wn, stride_hm, stride_se,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, SCALED: tl.constexpr,
+    FP8_ACC: tl.constexpr,
 ):
     num_m_blocks = tl.load(num_padded_ptr) // BLOCK_M
     num_n_blocks = tl.cdiv(I, BLOCK_N)
@@ -116,7 +120,7 @@ def _gate_up_swiglu_kernel(
         _gate_up_tile(x_ptr, w13_ptr, w_desc, h_ptr, sorted_pair_ptr, x_scale_ptr, w_scale_ptr,
                       expert, m_block * BLOCK_M, n_block, num_pairs, top_k, H, I,
                       stride_xm, stride_we, stride_wn, stride_hm, stride_se,
-                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, SCALED)
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, SCALED, FP8_ACC)
 
 
 def gather_sorted_rows(x_MH: torch.Tensor, align: BlockAlignment, top_k: int) -> torch.Tensor:
@@ -172,7 +176,7 @@ def gate_up_swiglu(
         w13_scale_E2I.stride(0) if scaled else 0,
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         EVEN_K=H % config.block_k == 0, DOT_PRECISION="ieee" if x_MH.dtype == torch.float32 else "tf32", TMA=tma,
-        SCALED=scaled,
+        SCALED=scaled, FP8_ACC=fp8_accumulation(x_MH, config.block_k),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return h_RI
