@@ -6,7 +6,8 @@ lags), then back to back for a share of the budget, timed. Reported: the median 
 ceiling as the median of the per-round ratios (see interleaved_ms: the lent cards run at their power cap,
 where this is what holds still):
   triton        omni_ep TritonExperts (tuned configs from the package, or --config-dir)
-  triton_fp8    the same with FP8 weights (quantization "fp8": a scale per weight row, activations per row)
+  triton_fp8    the same with FP8 weights (quantization "fp8": a scale per weight row, activations per row; on
+                Hopper torch's FP8 grouped GEMM), and its gate_up GEMM alone with fast accumulation
   torch         omni_ep TorchExperts (sort + torch._grouped_mm)
   hf_<impl>     transformers' hunyuan_v1_moe experts block, once per experts implementation it offers
   dense_loop    a per-expert loop over a dense [T, E, capacity] dispatch, like the official eager path
@@ -232,6 +233,25 @@ def quantized_weights(w13, w2):
     return torch.stack(w13_q), torch.stack(w2_q), torch.stack(w13_s), torch.stack(w2_s)
 
 
+def fp8_gate_up_gemm_ms(x, ids, w_fp8, budget_ms) -> dict:
+    """The FP8 gate_up grouped GEMM alone (fp8_grouped_gemm.py's operands), with fp32 accumulation (shipped) and
+    with the tensor cores' own (use_fast_accum), median ms."""
+    from omni_ep.layers.fused_moe.experts import fp8_grouped_gemm
+    from omni_ep.layers.fused_moe.experts.triton_kernels.quantize_rows import quantize_rows_fp8
+
+    w13_q, _, w13_s, _ = w_fp8
+    E = w13_q.shape[0]
+    align = align_pairs_to_blocks(ids, E, fp8_grouped_gemm.BLOCK_M)
+    rows = align.sorted_pair_R.numel()
+    a_q, a_s = quantize_rows_fp8(torch.randn(rows, x.shape[1], device=x.device, dtype=x.dtype))
+    ends = (torch.searchsorted(align.block_expert_B, torch.arange(E, dtype=torch.int32, device=x.device), right=True)
+            * fp8_grouped_gemm.BLOCK_M).to(torch.int32)
+    return {name: median_ms(lambda fast=fast: torch._scaled_grouped_mm(
+                a_q, w13_q.transpose(1, 2), a_s, w13_s, offs=ends, out_dtype=torch.bfloat16, use_fast_accum=fast),
+                budget_ms)
+            for name, fast in (("fp32_accumulation", False), ("fast_accumulation", True))}
+
+
 def bench_case(num_tokens: int, num_local: int, args, generator, w13, w2, contenders: set[str]) -> dict:
     H, I, K = args.hidden, args.intermediate, args.top_k
     dev = "cuda"
@@ -282,6 +302,8 @@ def bench_case(num_tokens: int, num_local: int, args, generator, w13, w2, conten
             ms = statistics.median(times[name])
             results.setdefault(name, {}).update(
                 ms=ms, tflops=flops / ms / 1e9, vs_ceiling=paired_ratio(times, name, "cublas"), rounds_ms=times[name])
+        if "triton_fp8" in results and "ms" in results["triton_fp8"]:
+            results["triton_fp8"]["gate_up_gemm_ms"] = fp8_gate_up_gemm_ms(x, ids, w_fp8, args.budget_ms)
         if "triton" in results and "ms" in results["triton"]:
             results["triton"]["stages_ms"] = triton_stages_ms(x, ids, weights, w13, w2, args.config_dir, args.budget_ms)
     row["results"] = results
@@ -305,6 +327,10 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {row['tokens']} | {row['experts_local']} | {row['local_pairs']} | " + " | ".join(cells) + " |")
     lines += ["", "Triton stages alone (median ms): align / gate_up / down / topk_sum", ""]
     for row in rows:
+        fp8_gemm = row["results"].get("triton_fp8", {}).get("gate_up_gemm_ms")
+        if fp8_gemm:
+            lines.append(f"- T={row['tokens']} E_local={row['experts_local']}: FP8 gate_up GEMM alone, fp32 / fast "
+                         f"accumulation {fp8_gemm['fp32_accumulation']:.3f} / {fp8_gemm['fast_accumulation']:.3f} ms")
         stages = row["results"].get("triton", {}).get("stages_ms")
         if stages:
             parts = " / ".join(f"{stages[k]:.3f}" for k in ("align", "gate_up", "down", "topk_sum"))

@@ -232,6 +232,32 @@ def _case_bad_shapes_raise(gen):
     return {"raised": False}
 
 
+def _case_swiglu_quantize_and_weighted_topk_sum(gen):
+    """The FP8 grouped path's own kernels: SwiGLU of [gate | up] rows quantized (as fp8.quantize_rows of silu(gate)
+    * up rounded to bf16, where the interpreter's sigmoid rounds the same: 12 of 20 row scales here differ by one
+    bf16 step), and the top-k sum that applies the routing weights."""
+    from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks
+    from omni_ep.layers.fused_moe.experts.triton_kernels.quantize_rows import quantize_rows_fp8
+    from omni_ep.layers.fused_moe.experts.triton_kernels.topk_sum import topk_sum
+    from omni_ep.layers.fused_moe.fp8 import quantize_rows
+
+    gate_up = torch.randn(20, 2 * 24, generator=gen).to(torch.bfloat16)
+    gate, up = gate_up.float().split(24, dim=1)
+    q, scale = quantize_rows_fp8(gate_up, swiglu=True)
+    h = gate * torch.sigmoid(gate) * up
+    scale_ref = quantize_rows(h.to(torch.bfloat16))[1]
+    M, K, E, H = 11, 3, 4, 40
+    ids, w = _routing(M, K, E, gen)
+    align = align_pairs_to_blocks(ids, E, 16)
+    y = torch.randn(align.sorted_pair_R.numel(), H, generator=gen)
+    out = topk_sum(y, ids, E, align.row_of_pair_P, w)
+    rows = align.row_of_pair_P.long().clamp_min(0).reshape(M, K)
+    ref = (y[rows] * (w * (ids >= 0)).unsqueeze(-1)).sum(1)
+    return {"max_err_ok": bool(((q.float() * scale[:, None] - h).abs() <= h.abs() * (1 / 16 + 1 / 128)
+                                + scale[:, None] * 2**-10).all()) and bool(torch.allclose(scale, scale_ref, rtol=1e-2)),
+            "rel_err": ((out - ref).norm() / ref.norm()).item(), "finite": True, "shape_ok": out.shape == (M, H)}
+
+
 CASES = {
     "pointer_uniform": lambda g: _case_uniform(g, POINTER),
     "pointer_plain_grid_skewed_empty_experts": lambda g: _case_skewed_empty_experts(g, POINTER_PLAIN_GRID),
@@ -244,6 +270,7 @@ CASES = {
     "fp8_tma_odd_sizes_strided": lambda g: _case_odd_sizes_strided(g, TMA, fp8=True),
     "fp8_gluon_falls_back_skewed_empty_experts": lambda g: _case_skewed_empty_experts(g, GLUON, fp8=True),
     "fp8_quantize_rows": _case_quantize_rows,
+    "fp8_swiglu_quantize_and_weighted_topk_sum": _case_swiglu_quantize_and_weighted_topk_sum,
     "no_local_slot": _case_no_local_slot,
     "one_token": _case_one_token,
     "zero_tokens": _case_zero_tokens,

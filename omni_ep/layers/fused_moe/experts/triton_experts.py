@@ -1,7 +1,8 @@
 """Local-expert compute in Triton: align pairs to blocks, gate_up GEMM + SwiGLU, down GEMM + weight +
 un-permute (in its stores, or, where down writes expert-sorted rows, in the top-k sum's loads), top-k sum. No
-host sync anywhere: safe for CUDA graphs and overlapped communication. FP8 weights: x and h are quantized per row
-(quantize_rows.py) before their GEMM, which scales its fp32 accumulator in the epilogue.
+host sync anywhere: safe for CUDA graphs and overlapped communication. FP8 weights: on Hopper, torch's FP8 grouped
+GEMM (fp8_grouped_gemm.py); elsewhere x and h are quantized per row (quantize_rows.py) before the Triton GEMMs,
+which scale their fp32 accumulators in the epilogue.
 
 Shape legend: M tokens, K top-k slots, P = M*K pairs, H hidden, I intermediate, E local experts,
 R padded expert-sorted rows.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from omni_ep.layers.fused_moe.experts import fp8_grouped_gemm
 from omni_ep.layers.fused_moe.experts.base import LocalExperts, check_fp8_weights
 from omni_ep.layers.fused_moe.experts.triton_configs import MoEConfig, fit_fp8, fit_fp32, moe_config
 
@@ -97,6 +99,8 @@ class TritonExperts(LocalExperts):
                 f"TritonExperts: weights ({w13.dtype}, {w2.dtype}) must have the activations' dtype {x_MH.dtype}."
             )
         x_MH, w13, w2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_MH, w13, w2))
+        if fp8 and fp8_grouped_gemm.runs_here(x_MH):
+            return fp8_grouped_gemm.fp8_grouped_experts(x_MH, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale)
         config = self.config_for(x_MH, E, I)
         if fp8:
             config = fit_fp8(config)

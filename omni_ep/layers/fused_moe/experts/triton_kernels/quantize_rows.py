@@ -33,23 +33,32 @@ def _round_to_e4m3(v):
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, num_rows_ptr, D, stride_xm, stride_qm,
                           FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
-                          HAS_NUM_ROWS: tl.constexpr):
+                          HAS_NUM_ROWS: tl.constexpr, SWIGLU: tl.constexpr):
     row = tl.program_id(0)
     if HAS_NUM_ROWS:
         if row >= tl.load(num_rows_ptr):
             return
     cols = tl.arange(0, BLOCK_D)
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + cols, mask=cols < D, other=0.0).to(tl.float32)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    if SWIGLU:  # x holds [gate | up], D columns each; h = silu(gate) * up, rounded to x's dtype first
+        gate = tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float32)
+        up = tl.load(x_row + D + cols, mask=cols < D, other=0.0).to(tl.float32)
+        x = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        x = tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), FP8_MAX), MIN_SCALE)
     q = _round_to_e4m3(tl.clamp(tl.div_rn(x, scale), -FP8_MAX, FP8_MAX))
     tl.store(q_ptr + row.to(tl.int64) * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=cols < D)
     tl.store(scale_ptr + row, scale)
 
 
-def quantize_rows_fp8(x_RD: torch.Tensor, num_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_fp8(x_RD: torch.Tensor, num_rows: torch.Tensor | None = None,
+                      swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, D] -> (x_q [R, D] e4m3fn, scale [R] fp32). num_rows: a one-element device tensor; rows from it on
-    are left unwritten (the padded tail of the expert-sorted layout), read from the device, no host sync."""
-    R, D = x_RD.shape
+    are left unwritten (the padded tail of the expert-sorted layout), read from the device, no host sync.
+    swiglu: x is [R, 2D], gate then up columns, and silu(gate) * up (in x's dtype, as a GEMM would store it) is
+    what gets quantized."""
+    R, D = x_RD.shape[0], x_RD.shape[1] // 2 if swiglu else x_RD.shape[1]
     x_q = torch.empty(R, D, dtype=FP8_DTYPE, device=x_RD.device)
     scale = torch.empty(R, dtype=torch.float32, device=x_RD.device)
     if R == 0:
@@ -57,6 +66,6 @@ def quantize_rows_fp8(x_RD: torch.Tensor, num_rows: torch.Tensor | None = None) 
     block_d = triton.next_power_of_2(D)
     _quantize_rows_kernel[(R,)](
         x_RD, x_q, scale, num_rows, D, x_RD.stride(0), x_q.stride(0), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
-        BLOCK_D=block_d, HAS_NUM_ROWS=num_rows is not None, num_warps=8 if block_d >= 2048 else 4,
+        BLOCK_D=block_d, HAS_NUM_ROWS=num_rows is not None, SWIGLU=swiglu, num_warps=8 if block_d >= 2048 else 4,
     )
     return x_q, scale
