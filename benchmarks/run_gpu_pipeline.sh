@@ -161,8 +161,11 @@ fp8_kernels)
   ;;
 fp8)
   # FP8 experts (quantization fp8; not exact). Real width, 4 layers, 512x512, 10 steps, bf16: one GPU exact,
-  # one GPU FP8 and CFG2 + EP2 FP8 vs it (latents, image PSNR). Full size: CFG2 + EP2 all2all exact and FP8, TP2 +
-  # EP2 all2all graph FP8, TP2 without EP (the ratios' base), FP8 on one GPU (the whole model on one H200).
+  # one GPU FP8 and CFG2 + EP2 FP8 vs it (latents, image PSNR), after the GPU tests of the FP8 experts. Full size:
+  # CFG2 + EP2 all2all FP8 and exact, TP2 + EP2 all2all graph FP8, FP8 on one GPU (the whole model on one H200),
+  # TP2 without EP (the ratios' base).
+  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -s -m gpu tests/gpu -k fp8 2>&1 | tee -a "$FULL_LOG" \
+    | grep -E "passed|failed|Error"
   R4="--model real-dummy --layers 4 --image-base-size 512 --height 512 --width 512 --steps 10 --no-timing"
   $B $R4 --save-output "$S/real4_1gpu.pt" 2>&1 | tee -a "$FULL_LOG" | tail -1; echo "[${SECONDS} s]"
   $B $R4 --quantization fp8 --save-output "$S/real4_1gpu_fp8.pt" --compare-output "$S/real4_1gpu.pt" 2>&1 \
@@ -172,12 +175,12 @@ fp8)
   FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"
   sample_clocks fp8
   run() { name=$1; shift; echo "== $name"; $T2 $FULL "$@" --json "$S/pipeline_2xh200_$name.json" 2>&1 | tee -a "$FULL_LOG" | tail -3; }
-  run cfg2_ep2_all2all $CFG2_EP2
   run cfg2_ep2_all2all_fp8 $CFG2_EP2 --quantization fp8
+  run cfg2_ep2_all2all $CFG2_EP2
   run tp2_ep2_all2all_graph_fp8 --tensor-parallel-size 2 $EP --all2all-backend all2all --cuda-graph --quantization fp8
-  run tp2_no_ep --tensor-parallel-size 2
   echo "== 1gpu_fp8"
   $B $FULL --quantization fp8 --json "$S/pipeline_h200_1gpu_fp8.json" 2>&1 | tee -a "$FULL_LOG" | tail -3
+  run tp2_no_ep --tensor-parallel-size 2
   clocks_per_run fp8
   ;;
 distil)

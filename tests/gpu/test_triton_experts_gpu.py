@@ -173,8 +173,10 @@ FP8_CASES = {  # name: (M, E, routing); on Hopper torch's FP8 grouped GEMM (fp8_
 
 @pytest.mark.parametrize("name", list(FP8_CASES))
 def test_fp8_triton_experts_against_the_torch_reference(name):
-    """FP8 weights (a scale per row): Triton vs the torch FP8 reference within 1e-2 (the bf16 h and the
-    accumulation order flip a few e4m3 roundings), and vs the exact bf16 output as far as FP8 goes."""
+    """FP8 weights (a scale per row) against the exact bf16 experts: 6.5e-2 measured on an H200, as far as e4m3
+    goes; and against the torch FP8 reference within 3e-2: not closer, since h is quantized again from gate and up
+    that the grouped GEMM rounds to bf16 (an input perturbation d moves an e4m3 rounding by sqrt(d x its step):
+    1.7-2.1e-2 measured; the Triton FP8 GEMMs, which keep gate and up in fp32, 5-7e-3)."""
     from omni_ep.layers.fused_moe.fp8 import quantize_rows
 
     if not _hopper():
@@ -199,8 +201,8 @@ def test_fp8_triton_experts_against_the_torch_reference(name):
     print(f"FP8 {name}: {err:.2e} vs the torch FP8 reference, {fp8_err:.2e} vs exact")
     assert out.shape == (M, H) and out.dtype == BF16
     assert bool(torch.isfinite(out).all()), "an output element was not written (NaN from the poisoned allocator)"
-    assert err < 1e-2, f"relative error {err:.2e} vs the torch FP8 reference"
-    assert 1e-3 < fp8_err < 0.1, f"FP8 output {fp8_err:.2e} from the exact one"
+    assert err < 3e-2, f"relative error {err:.2e} vs the torch FP8 reference"
+    assert 1e-3 < fp8_err < 0.08, f"FP8 output {fp8_err:.2e} from the exact one"
     assert torch.equal(outs[0], outs[1]), "two runs differ"
     assert bool((out[(ids < 0).all(1)] == 0).all()), "a row without a local slot is not zero"
 
