@@ -14,6 +14,7 @@
 #   bash benchmarks/run_gpu_pipeline.sh fp8_kernels  # FP8 experts: GPU tests, bench_moe bf16 vs FP8 (about 2 min)
 #   bash benchmarks/run_gpu_pipeline.sh fp8       # FP8 experts: agreement (real width, 4 layers) and full size: EP2
 #                                                 # layouts exact and FP8, TP2 without EP, FP8 on one GPU (about 8 min)
+#   bash benchmarks/run_gpu_pipeline.sh fp8_profile  # FP8 experts: the profile, placement linear vs balanced (about 6 min)
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh ab [LAYOUT...]   # every package in .ab_base and this one, full size,
 #                                                 # in turn twice (about 2.5 min a package); LAYOUT:
@@ -182,6 +183,22 @@ fp8)
   $B $FULL --quantization fp8 --json "$S/pipeline_h200_1gpu_fp8.json" 2>&1 | tee -a "$FULL_LOG" | tail -3
   run tp2_no_ep --tensor-parallel-size 2
   clocks_per_run fp8
+  ;;
+fp8_profile)
+  # The kernel-time breakdown of CFG2 + EP2 all2all with FP8 experts (cached steps 3..11), then FP8 with placement
+  # linear / balanced / balanced / linear (the committed loads file) with each GPU's clocks (about 6 min).
+  FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"
+  timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/profile_step.py $FULL --steps 12 --from-step 3 $CFG2_EP2 \
+    --quantization fp8 --json "$OUT/profile_2xh200_cfg2_ep2_all2all_fp8.json" 2>&1 | tee -a "$FULL_LOG" | tail -22
+  BAL="--expert-placement balanced --expert-loads benchmarks/results/expert_loads_real_dummy_2xh200.json"
+  sample_clocks fp8_profile
+  i=0
+  for placement in linear balanced balanced linear; do
+    i=$((i + 1)); echo "== cfg2_ep2_all2all_fp8 $placement ($i)"
+    $T2 $FULL $CFG2_EP2 --quantization fp8 $([ $placement = balanced ] && echo "$BAL") \
+      --json "$S/fp8_cfg2_ep2_all2all_${i}_$placement.json" 2>&1 | tee -a "$FULL_LOG" | tail -1
+  done
+  clocks_per_run fp8_profile
   ;;
 distil)
   # Instruct-Distil (dummy weights, 32 layers, 1024x1024, bf16, 8 steps): s/image with the VAE decode, peak memory
