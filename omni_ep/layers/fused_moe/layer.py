@@ -18,6 +18,8 @@ all-reduce over TP completes both.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -36,6 +38,7 @@ from omni_ep.layers.fused_moe.experts import get_local_experts_cls, unsupported_
 from omni_ep.layers.fused_moe.fp8 import FP8_DTYPE, check_quantization, quantize_rows
 from omni_ep.layers.fused_moe.router import select_experts
 
+logger = logging.getLogger(__name__)
 SHARD_IDS = ("w13", "w2")  # fused [up; gate] as HunyuanImage-3.0 stores it, down
 
 
@@ -129,9 +132,11 @@ class FusedMoE(nn.Module):
         reasons = []
         for name in names:
             reason = unsupported_reason(name, device, dtype)
-            if reason is None and self.quantization == "fp8" and not get_local_experts_cls(name).supports_fp8:
-                reason = f"the {name} experts do not take FP8 weights (quantization 'fp8')"
+            if reason is None and self.quantization == "fp8":
+                reason = get_local_experts_cls(name).fp8_unsupported_reason(device)
             if reason is None:
+                if reasons:
+                    logger.warning("%s: the %s experts run (%s)", self.prefix or "FusedMoE", name, "; ".join(reasons))
                 return get_local_experts_cls(name)()
             reasons.append(reason)
         raise RuntimeError(f"no local-experts backend runs on {device} with {dtype}: {'; '.join(reasons)}")

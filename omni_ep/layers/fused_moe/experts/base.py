@@ -28,12 +28,16 @@ class LocalExperts(ABC):
     """
 
     name: str = ""
-    supports_fp8: bool = False  # takes e4m3fn weights with their scales
 
     @classmethod
     def unsupported_reason(cls, device: torch.device, dtype: torch.dtype) -> str | None:
         """None when this implementation runs on (device, dtype), else a sentence saying why not."""
         return None
+
+    @classmethod
+    def fp8_unsupported_reason(cls, device: torch.device) -> str | None:
+        """None when this implementation takes FP8 weights (with their scales) on device, else why not."""
+        return f"the {cls.name} experts do not take FP8 weights"
 
     @abstractmethod
     def apply(

@@ -35,7 +35,6 @@ class TritonExperts(LocalExperts):
     """
 
     name = "triton"
-    supports_fp8 = True
 
     def __init__(self, config: MoEConfig | dict | None = None, config_dir: Path | None = None):
         self.config = MoEConfig.from_dict(config) if isinstance(config, dict) else config
@@ -55,6 +54,15 @@ class TritonExperts(LocalExperts):
         if device.type == "cpu":
             return "the Triton experts run on CPU only under TRITON_INTERPRET=1 (set before importing triton)."
         return f"the Triton experts run on CUDA devices, not {device.type}."
+
+    @classmethod
+    def fp8_unsupported_reason(cls, device):
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            major, minor = torch.cuda.get_device_capability(device)
+            return (f"FP8 matrix multiplies need compute capability 8.9 or later (Ada, Hopper); this GPU has "
+                    f"{major}.{minor}")
+        return None
 
     def config_for(self, hidden_states: torch.Tensor, num_experts: int, intermediate_size: int) -> MoEConfig:
         """The tile configuration apply() uses for these activations [M, H] and expert shapes."""
