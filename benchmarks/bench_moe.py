@@ -368,7 +368,7 @@ def ab_case(num_local: int, num_tokens: int, args, generator, baseline_cls, chan
     speed = paired_ratio(times, "current", "baseline")
     outputs_ok = bitwise or (changed and err["current"] < 1e-2)
     return {"experts_local": num_local, "tokens": num_tokens, "changed": changed, "kernels": kernels,
-            "config_baseline": baseline.config_for(x, num_local, I), "config_current": config.to_dict(),
+            "config_baseline": baseline.config_for(x, num_local, I).to_dict(), "config_current": config.to_dict(),
             "ms_baseline": statistics.median(times["baseline"]), "ms_current": statistics.median(times["current"]),
             "tflops_current": flops / statistics.median(times["current"]) / 1e9, "speed_current_over_baseline": speed,
             "rounds_ms": times, "bitwise_equal": bitwise, "rel_err_vs_fp32": err, "outputs_ok": outputs_ok,
