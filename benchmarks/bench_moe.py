@@ -244,10 +244,9 @@ def fp8_gate_up_gemm_ms(x, ids, w_fp8, budget_ms) -> dict:
     align = align_pairs_to_blocks(ids, E, fp8_grouped_gemm.BLOCK_M)
     rows = align.sorted_pair_R.numel()
     a_q, a_s = quantize_rows_fp8(torch.randn(rows, x.shape[1], device=x.device, dtype=x.dtype))
-    ends = (torch.searchsorted(align.block_expert_B, torch.arange(E, dtype=torch.int32, device=x.device), right=True)
-            * fp8_grouped_gemm.BLOCK_M).to(torch.int32)
     return {name: median_ms(lambda fast=fast: torch._scaled_grouped_mm(
-                a_q, w13_q.transpose(1, 2), a_s, w13_s, offs=ends, out_dtype=torch.bfloat16, use_fast_accum=fast),
+                a_q, w13_q.transpose(1, 2), a_s, w13_s, offs=align.expert_end_E, out_dtype=torch.bfloat16,
+                use_fast_accum=fast),
                 budget_ms)
             for name, fast in (("fp32_accumulation", False), ("fast_accumulation", True))}
 

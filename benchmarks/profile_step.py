@@ -27,7 +27,7 @@ from bench_pipeline import add_layout_args, load_pipeline, run_meta  # noqa: E40
 # Kernel-name fragments per category, first match wins (lower-case).
 CATEGORIES = (
     ("experts", ("gate_up", "down_unpermute", "_count_pairs", "_block_offsets", "_place_pairs", "topk_sum",
-                 "gather_sorted_rows")),
+                 "gather_sorted_rows", "quantize_rows", "groupproblemshape")),  # the last two: FP8 experts
     ("nccl", ("nccl",)),
     ("conv", ("implicit_gemm", "nchwtonhwc", "nhwctonchw", "conv")),  # cuDNN convolutions (patch embed / final layer)
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn", "attn")),

@@ -15,6 +15,7 @@
 #   bash benchmarks/run_gpu_pipeline.sh fp8       # FP8 experts: agreement (real width, 4 layers) and full size: EP2
 #                                                 # layouts exact and FP8, TP2 without EP, FP8 on one GPU (about 8 min)
 #   bash benchmarks/run_gpu_pipeline.sh fp8_profile  # FP8 experts: the profile, placement linear vs balanced (about 6 min)
+#   bash benchmarks/run_gpu_pipeline.sh fp8_graph # FP8: GPU tests, CFG2 + EP2 balanced with and without a CUDA graph
 #   bash benchmarks/run_gpu_pipeline.sh distil    # Instruct-Distil, full size, 8 steps, each 2-GPU layout (about 4 min)
 #   bash benchmarks/run_gpu_pipeline.sh ab [LAYOUT...]   # every package in .ab_base and this one, full size,
 #                                                 # in turn twice (about 2.5 min a package); LAYOUT:
@@ -199,6 +200,19 @@ fp8_profile)
       --json "$S/fp8_cfg2_ep2_all2all_${i}_$placement.json" 2>&1 | tee -a "$FULL_LOG" | tail -1
   done
   clocks_per_run fp8_profile
+  ;;
+fp8_graph)
+  # The FP8 experts' and the Gluon kernels' GPU tests, then CFG2 + EP2 all2all FP8 balanced with the cached steps as
+  # a CUDA graph, eager, and a graph again (about 4 min).
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -m gpu tests/gpu -k "fp8 or gluon" 2>&1 | tee -a "$FULL_LOG" \
+    | grep -E "passed|failed|Error"
+  FULL="--model real-dummy --layers 32 --height 1024 --width 1024 --steps 50"
+  BAL="--expert-placement balanced --expert-loads benchmarks/results/expert_loads_real_dummy_2xh200.json"
+  i=0
+  for graph in --cuda-graph "" --cuda-graph; do
+    i=$((i + 1)); echo "== cfg2_ep2_all2all_fp8_balanced ${graph:-eager} ($i)"
+    $T2 $FULL $CFG2_EP2 --quantization fp8 $BAL $graph --json "$S/fp8_graph_${i}.json" 2>&1 | tee -a "$FULL_LOG" | tail -1
+  done
   ;;
 distil)
   # Instruct-Distil (dummy weights, 32 layers, 1024x1024, bf16, 8 steps): s/image with the VAE decode, peak memory

@@ -192,11 +192,13 @@ def _case_alignment_layout(gen):
     local = torch.nonzero(ids.reshape(-1) >= 0).flatten()
     ok &= bool((a.sorted_pair_R[a.row_of_pair_P[local].long()] == local).all())  # the inverse map
     ok &= bool((a.row_of_pair_P[ids.reshape(-1) < 0] == -1).all())
+    ok &= a.expert_end_E.tolist() == torch.cumsum(padded, 0).tolist()  # the FP8 grouped GEMM's group offsets
     return {"layout_ok": bool(ok)}
 
 
 def _case_sorted_rows_and_gathering_topk_sum(gen):
-    """gather_sorted_rows (the Gluon gate_up's A operand) puts each pair's token row at its sorted row; the top-k
+    """gather_sorted_rows (the Gluon gate_up's and the FP8 grouped GEMM's A operand) puts each pair's token row (and
+    scale) at its sorted row; the top-k
     sum reading y [R, H] through row_of_pair (the Gluon down kernel's sorted output) sums each token's slots."""
     from omni_ep.layers.fused_moe.experts.triton_kernels.align import align_pairs_to_blocks
     from omni_ep.layers.fused_moe.experts.triton_kernels.gate_up_swiglu import gather_sorted_rows
@@ -206,11 +208,13 @@ def _case_sorted_rows_and_gathering_topk_sum(gen):
     x = torch.randn(M, H, generator=gen)
     ids, _ = _routing(M, K, E, gen)
     a = align_pairs_to_blocks(ids, E, 16)
-    x_sorted = gather_sorted_rows(x, a, K)
+    scale = torch.rand(M, generator=gen)
+    x_sorted, scale_sorted = gather_sorted_rows(x, a, K, scale)  # with the FP8 tokens' scales
     used = int(a.num_padded_rows.item())
     pairs = a.sorted_pair_R[:used].long()
     real = pairs < M * K
     rows_ok = torch.equal(x_sorted[:used][real], x[pairs[real] // K])
+    rows_ok &= torch.equal(scale_sorted[:used][real], scale[pairs[real] // K])
     y = torch.randn(a.sorted_pair_R.numel(), H, generator=gen)
     out = topk_sum(y, ids, E, a.row_of_pair_P)
     local = (ids >= 0).reshape(-1)

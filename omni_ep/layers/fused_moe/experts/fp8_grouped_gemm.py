@@ -7,7 +7,7 @@ fp32 accumulation): the FP8 path TritonExperts takes where that GEMM runs.
     -> y = h_q @ w2_q[e].T  scaled                       [R, H]   one grouped GEMM, bf16 out
     -> out[m] = sum_k weight[m, k] * y[row of (m, k)]    [M, H]   fp32 sum
 
-No host sync: the group offsets come from the alignment on the device.
+No host sync: the group offsets are the alignment's expert ends, on the device.
 
 Shape legend: M tokens, K top-k slots, H hidden, I intermediate, E local experts, R padded sorted rows.
 """
@@ -35,14 +35,12 @@ def fp8_grouped_experts(x_MH, topk_ids_MK, topk_weights_MK, w13_E2IH, w2_EHI, w1
     E, K = w13_E2IH.shape[0], topk_ids_MK.shape[1]
     align = align_pairs_to_blocks(topk_ids_MK, E, BLOCK_M)
     x_q_MH, x_scale_M = quantize_rows_fp8(x_MH)
-    x_q_RH = gather_sorted_rows(x_q_MH, align, K)  # quantized once per token, then copied to its K rows
-    pair_R = align.sorted_pair_R  # padding rows hold num_pairs; rows past num_padded_rows are unwritten
-    token_R = torch.where((pair_R >= 0) & (pair_R < align.num_pairs), pair_R // K, 0)
-    experts = torch.arange(E, dtype=align.block_expert_B.dtype, device=x_MH.device)
-    group_ends = (torch.searchsorted(align.block_expert_B, experts, right=True) * BLOCK_M).to(torch.int32)
-    gate_up_R2I = torch._scaled_grouped_mm(x_q_RH, w13_E2IH.transpose(1, 2), x_scale_M[token_R], w13_scale_E2I,
-                                           offs=group_ends, out_dtype=x_MH.dtype)
+    # Quantized once per token, then copied to its rows with its scale; padding rows stay unwritten (their
+    # products are never read).
+    x_q_RH, x_scale_R = gather_sorted_rows(x_q_MH, align, K, x_scale_M)
+    gate_up_R2I = torch._scaled_grouped_mm(x_q_RH, w13_E2IH.transpose(1, 2), x_scale_R, w13_scale_E2I,
+                                           offs=align.expert_end_E, out_dtype=x_MH.dtype)
     h_q_RI, h_scale_R = quantize_rows_fp8(gate_up_R2I, align.num_padded_rows, swiglu=True)
-    y_RH = torch._scaled_grouped_mm(h_q_RI, w2_EHI.transpose(1, 2), h_scale_R, w2_scale_EH, offs=group_ends,
+    y_RH = torch._scaled_grouped_mm(h_q_RI, w2_EHI.transpose(1, 2), h_scale_R, w2_scale_EH, offs=align.expert_end_E,
                                     out_dtype=x_MH.dtype)
     return topk_sum(y_RH, topk_ids_MK, E, align.row_of_pair_P, topk_weights_MK)

@@ -26,12 +26,14 @@ class BlockAlignment:
     num_padded_rows:  [1] int32  rows in use (a multiple of BLOCK_M), read by the GEMMs on the device
     row_of_pair_P:    [P] int32  the row of each local pair (the inverse of sorted_pair_R); -1 for pairs whose
                                  expert is not local
+    expert_end_E:     [E] int32  one past each expert's last padded row (a grouped GEMM's group offsets)
     """
 
     sorted_pair_R: torch.Tensor
     block_expert_B: torch.Tensor
     num_padded_rows: torch.Tensor
     row_of_pair_P: torch.Tensor
+    expert_end_E: torch.Tensor
     block_m: int
     num_pairs: int
 
@@ -51,6 +53,7 @@ def _count_pairs_kernel(ids_ptr, counts_ptr, rank_ptr, num_pairs, num_experts, B
 def _block_offsets_kernel(
     counts_ptr,
     expert_start_ptr,
+    expert_end_ptr,
     block_expert_ptr,
     num_padded_ptr,
     sorted_pair_ptr,
@@ -69,6 +72,7 @@ def _block_offsets_kernel(
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end = tl.cumsum(padded, 0)
     tl.store(expert_start_ptr + e, end - padded, mask=is_expert)
+    tl.store(expert_end_ptr + e, end, mask=is_expert)
     tl.store(num_padded_ptr, tl.sum(padded, 0))
     pad_rows = (end - padded + counts)[:, None] + tl.arange(0, BLOCK_M)[None, :]
     tl.store(sorted_pair_ptr + pad_rows, num_pairs, mask=is_expert[:, None] & (pad_rows < end[:, None]))
@@ -112,6 +116,7 @@ def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int
     rank_P = torch.empty(num_pairs, dtype=torch.int32, device=device)
     row_of_pair_P = torch.empty(num_pairs, dtype=torch.int32, device=device)
     expert_start_E = torch.empty(num_experts, dtype=torch.int32, device=device)
+    expert_end_E = torch.empty(num_experts, dtype=torch.int32, device=device)
     block_expert_B = torch.empty(max_blocks, dtype=torch.int32, device=device)
     num_padded_rows = torch.empty(1, dtype=torch.int32, device=device)
     sorted_pair_R = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)  # rows past the used
@@ -120,9 +125,10 @@ def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int
     grid = (max(triton.cdiv(num_pairs, block), 1),)
     _count_pairs_kernel[grid](ids_P, counts_E, rank_P, num_pairs, num_experts, BLOCK=block)
     _block_offsets_kernel[(1,)](
-        counts_E, expert_start_E, block_expert_B, num_padded_rows, sorted_pair_R, num_pairs, num_experts, max_blocks,
+        counts_E, expert_start_E, expert_end_E, block_expert_B, num_padded_rows, sorted_pair_R, num_pairs, num_experts, max_blocks,
         BLOCK_M=block_m, E_POW2=triton.next_power_of_2(num_experts), BLOCK_B=256,
     )
     _place_pairs_kernel[grid](ids_P, rank_P, expert_start_E, sorted_pair_R, row_of_pair_P, num_pairs, num_experts,
                               BLOCK=block)
-    return BlockAlignment(sorted_pair_R, block_expert_B, num_padded_rows, row_of_pair_P, block_m, num_pairs)
+    return BlockAlignment(sorted_pair_R, block_expert_B, num_padded_rows, row_of_pair_P, expert_end_E, block_m,
+                          num_pairs)

@@ -33,10 +33,11 @@ from omni_ep.layers.fused_moe.experts.triton_kernels.gemm_tiles import (
 
 
 @triton.jit
-def _gather_sorted_rows_kernel(x_ptr, x_sorted_ptr, sorted_pair_ptr, num_padded_ptr, num_pairs, top_k, H,
-                               stride_xm, stride_sm, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
-    """x_sorted[r, cols] = x[sorted_pair[r] // K, cols] for ROWS rows and BLOCK_H columns; padding rows are not
-    written (their GEMM rows are never stored)."""
+def _gather_sorted_rows_kernel(x_ptr, x_sorted_ptr, scale_ptr, scale_sorted_ptr, sorted_pair_ptr, num_padded_ptr,
+                               num_pairs, top_k, H, stride_xm, stride_sm, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+                               HAS_SCALE: tl.constexpr):
+    """x_sorted[r, cols] = x[sorted_pair[r] // K, cols] for ROWS rows and BLOCK_H columns (and scale_sorted[r] =
+    scale[that token]); padding rows are not written (their GEMM rows are never stored)."""
     row0 = tl.program_id(0) * ROWS
     num_padded = tl.load(num_padded_ptr)
     if row0 >= num_padded:
@@ -48,6 +49,10 @@ def _gather_sorted_rows_kernel(x_ptr, x_sorted_ptr, sorted_pair_ptr, num_padded_
     mask = (pair < num_pairs)[:, None] & (cols < H)[None, :]
     v = tl.load(x_ptr + token[:, None] * stride_xm + cols[None, :], mask=mask)
     tl.store(x_sorted_ptr + rows[:, None].to(tl.int64) * stride_sm + cols[None, :], v, mask=mask)
+    if HAS_SCALE:
+        if tl.program_id(1) == 0:
+            is_pair = pair < num_pairs
+            tl.store(scale_sorted_ptr + rows, tl.load(scale_ptr + token, mask=is_pair), mask=is_pair)
 
 
 @triton.jit
@@ -123,18 +128,21 @@ def _gate_up_swiglu_kernel(
                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION, TMA, SCALED, FP8_ACC)
 
 
-def gather_sorted_rows(x_MH: torch.Tensor, align: BlockAlignment, top_k: int) -> torch.Tensor:
-    """x [M, H] -> x_sorted [R, H]: row r holds its pair's token; padding rows and rows past num_padded_rows stay
-    unwritten. The Gluon gate_up reads its A tiles from it by TMA. Small programs (16 rows x 512 columns): the
-    copy runs near HBM write bandwidth."""
+def gather_sorted_rows(x_MH: torch.Tensor, align: BlockAlignment, top_k: int,
+                       scale_M: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [M, H] -> (x_sorted [R, H], scale_sorted [R] or None): row r holds its pair's token (and that token's
+    scale, where the FP8 tokens' scales [M] are given); padding rows and rows past num_padded_rows stay unwritten.
+    The Gluon gate_up and the FP8 grouped GEMM read their A tiles from it. Small programs (16 rows x 512 columns):
+    the copy runs near HBM write bandwidth."""
     R, H = align.sorted_pair_R.numel(), x_MH.shape[1]
     x_RH = torch.empty(R, H, dtype=x_MH.dtype, device=x_MH.device)
+    scale_R = None if scale_M is None else torch.empty(R, dtype=scale_M.dtype, device=x_MH.device)
     rows, block_h = 16, min(512, triton.next_power_of_2(H))
     _gather_sorted_rows_kernel[(triton.cdiv(R, rows), triton.cdiv(H, block_h))](
-        x_MH, x_RH, align.sorted_pair_R, align.num_padded_rows, align.num_pairs, top_k, H,
-        x_MH.stride(0), x_RH.stride(0), ROWS=rows, BLOCK_H=block_h,
+        x_MH, x_RH, scale_M, scale_R, align.sorted_pair_R, align.num_padded_rows, align.num_pairs, top_k, H,
+        x_MH.stride(0), x_RH.stride(0), ROWS=rows, BLOCK_H=block_h, HAS_SCALE=scale_M is not None,
     )
-    return x_RH
+    return x_RH, scale_R
 
 
 def gate_up_kernel(x_MH: torch.Tensor, w13_E2IH: torch.Tensor, block_m: int, config: GemmConfig) -> str:

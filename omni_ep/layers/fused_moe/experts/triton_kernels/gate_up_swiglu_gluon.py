@@ -141,7 +141,7 @@ def gate_up_swiglu_gluon(x_MH: torch.Tensor, w13_E2IH: torch.Tensor, align: Bloc
     I = two_I // 2
     block_m, block_n, block_k = align.block_m, config.block_n, config.block_k
     dtype = gl.bfloat16 if x_MH.dtype == torch.bfloat16 else gl.float16
-    x_RH = gather_sorted_rows(x_MH, align, top_k)
+    x_RH, _ = gather_sorted_rows(x_MH, align, top_k)
     h_RI = torch.empty(align.sorted_pair_R.numel(), I, dtype=x_MH.dtype, device=x_MH.device)
 
     def descriptor(t, rows, cols):
