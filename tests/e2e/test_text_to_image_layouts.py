@@ -2,9 +2,9 @@
 the base model and for Instruct-Distil (one row per prompt, guidance and MeanFlow r fed every step).
 
 Final latents within 1e-4 relative error; decoded images PSNR >= 45 dB and SSIM >= 0.995. fp32, gloo.
-Decoding is the slow part (0.9 s an image on 2 threads, the generation 0.05 s): every run's latents are compared, and images
-are decoded for one dispatch backend per layout (the last one listed: the backends give the same latents), for one
-SP run per kind (ulysses, ring, both) and not for the balanced expert placement's run (CFG2 + EP's twin).
+Decoding is the slow part (0.9 s an image on 2 threads, the generation 0.05 s): every run's latents are compared, and
+images are decoded for one dispatch backend per layout (the last one listed: the backends give the same latents),
+for one SP run per kind (ulysses, ring, both) and not for the balanced expert placement's run (CFG2 + EP's twin).
 """
 
 import numpy as np

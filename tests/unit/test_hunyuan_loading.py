@@ -149,6 +149,31 @@ def test_pipeline_parallel_is_refused(two_ranks):
         assert all(isinstance(m, str) and "not supported yet" in m for m in messages), (name, messages)
 
 
+def test_fp8_load_quantizes_each_expert_row_and_keeps_the_rest(single):
+    """quantization "fp8": the experts become e4m3 rows with their scales, read from the same bf16 bytes (the rest
+    of the model as loaded without it); the model runs near the exact one and cannot be saved back as released."""
+    from omni_ep.layers.fused_moe.fp8 import FP8_DTYPE, quantize_rows
+    from omni_ep.models.hunyuan_image3.saving import checkpoint_tensors
+
+    ensure_single_process_state()
+    fp8 = load_transformer(tiny_checkpoint_path(), dtype=torch.float32, device="cpu", quantization="fp8")
+    assert fp8.load_stats.bytes_read == single.load_stats.bytes_read
+    experts, exact = fp8.model.layers[1].mlp.experts, single.model.layers[1].mlp.experts
+    assert experts.w13_weight.dtype == experts.w2_weight.dtype == FP8_DTYPE
+    for name in ("w13", "w2"):
+        q, scale = quantize_rows(getattr(exact, f"{name}_weight"))
+        assert torch.equal(getattr(experts, f"{name}_weight").view(torch.uint8), q.view(torch.uint8))
+        assert torch.equal(getattr(experts, f"{name}_weight_scale"), scale)
+    shared, shared_exact = fp8.model.layers[1].mlp.shared_mlp, single.model.layers[1].mlp.shared_mlp
+    assert torch.equal(shared.down_proj.weight, shared_exact.down_proj.weight)
+    err = ((_velocity(fp8) - _velocity(single)).norm() / _velocity(single).norm()).item()
+    assert 1e-4 < err < 0.1, err
+    with pytest.raises(ValueError, match="cannot be written back"):
+        checkpoint_tensors(fp8)
+    with pytest.raises(ValueError, match="unknown quantization"):
+        load_transformer(tiny_checkpoint_path(), quantization="int4")
+
+
 def test_dummy_load_reads_no_weight_file(tmp_path):
     ensure_single_process_state()
     shutil.copy(os.path.join(tiny_checkpoint_path(), "config.json"), tmp_path / "config.json")

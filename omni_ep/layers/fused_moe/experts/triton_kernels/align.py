@@ -125,7 +125,8 @@ def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int
     grid = (max(triton.cdiv(num_pairs, block), 1),)
     _count_pairs_kernel[grid](ids_P, counts_E, rank_P, num_pairs, num_experts, BLOCK=block)
     _block_offsets_kernel[(1,)](
-        counts_E, expert_start_E, expert_end_E, block_expert_B, num_padded_rows, sorted_pair_R, num_pairs, num_experts, max_blocks,
+        counts_E, expert_start_E, expert_end_E, block_expert_B, num_padded_rows, sorted_pair_R, num_pairs, num_experts,
+        max_blocks,
         BLOCK_M=block_m, E_POW2=triton.next_power_of_2(num_experts), BLOCK_B=256,
     )
     _place_pairs_kernel[grid](ids_P, rank_P, expert_start_E, sorted_pair_R, row_of_pair_P, num_pairs, num_experts,

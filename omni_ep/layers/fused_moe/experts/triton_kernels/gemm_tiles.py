@@ -64,7 +64,8 @@ def load_k_step(ptrs, ks, k_left, EVEN_K: tl.constexpr, K_AXIS: tl.constexpr):
 def fp8_accumulation(a: torch.Tensor, block_k: int) -> int | None:
     """tl.dot's max_num_imprecise_acc for operand a: with FP8 operands each K step's products are added to the fp32
     accumulator (Hopper's FP8 MMA keeps fewer bits when it accumulates many steps itself: 1.6e-2 relative error
-    at H = 4096 on an H200, against the exact sums of the same FP8 values); None (Triton's default) for 16- and 32-bit operands."""
+    at H = 4096 on an H200, against the exact sums of the same FP8 values); None (Triton's default) for 16- and
+    32-bit operands."""
     return block_k if a.element_size() == 1 else None
 
 
