@@ -31,10 +31,3 @@ def quantize_rows(x_RD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x_q = (x / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return x_q, scale
 
-
-def scaled_linear(x_RD: torch.Tensor, w_q_ND: torch.Tensor, w_scale_N: torch.Tensor) -> torch.Tensor:
-    """x [R, D] (any float dtype) times the quantized weight [N, D] with scales [N] -> fp32 [R, N], x quantized
-    per row first: the reference the Triton FP8 kernels are checked against (products of e4m3 values are exact
-    in fp32)."""
-    x_q, x_scale = quantize_rows(x_RD)
-    return (x_q.float() @ w_q_ND.float().t()) * x_scale.unsqueeze(1) * w_scale_N.float().unsqueeze(0)
