@@ -131,6 +131,25 @@ CASES = {
 }
 
 
+def _inputs(name: str, M: int, E: int, h: int, i: int, dtype: torch.dtype, routing: str):
+    """x [M, h], w13 [E, 2i, h], w2 [E, h, i] (variance-preserving), ids and weights: drawn from the case name."""
+    gen = torch.Generator("cuda").manual_seed(sum(map(ord, name)))
+    x = torch.randn(M, h, device="cuda", dtype=dtype, generator=gen)
+    w13 = torch.randn(E, 2 * i, h, device="cuda", dtype=dtype, generator=gen) * h**-0.5
+    w2 = torch.randn(E, h, i, device="cuda", dtype=dtype, generator=gen) * i**-0.5
+    return x, w13, w2, *_routing(M, E, routing, gen)
+
+
+def _twice_on_poison(run) -> torch.Tensor:
+    """run() twice, each on memory filled with NaN first; both outputs must be the same bits; the first back."""
+    outs = []
+    for _ in range(2):
+        _poison_allocator()
+        outs.append(run())
+    assert torch.equal(outs[0], outs[1]), "two runs differ"
+    return outs[0]
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_experts_against_fp32(name):
     M, E, h, i, dtype, routing, config, gate_up_kernel, down_kernel = CASES[name]
@@ -138,24 +157,15 @@ def test_triton_experts_against_fp32(name):
         if not _hopper():
             pytest.skip("the Gluon and TMA kernels run on a Hopper GPU")
     torch.backends.cuda.matmul.allow_tf32 = False
-    gen = torch.Generator("cuda").manual_seed(sum(map(ord, name)))
-    x = torch.randn(M, h, device="cuda", dtype=dtype, generator=gen)
-    w13 = torch.randn(E, 2 * i, h, device="cuda", dtype=dtype, generator=gen) * h**-0.5
-    w2 = torch.randn(E, h, i, device="cuda", dtype=dtype, generator=gen) * i**-0.5
-    ids, weights = _routing(M, E, routing, gen)
+    x, w13, w2, ids, weights = _inputs(name, M, E, h, i, dtype, routing)
     assert _kernels(config, x, w13, w2) == (gate_up_kernel, down_kernel)
     experts = TritonExperts(config)
-    outs = []
-    for _ in range(2):
-        _poison_allocator()
-        outs.append(experts.apply(x, ids, weights, w13, w2))
-    out = outs[0]
+    out = _twice_on_poison(lambda: experts.apply(x, ids, weights, w13, w2))
     ref = TorchExperts().apply(x.float(), ids, weights, w13.float(), w2.float())
     err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     assert out.shape == (M, h) and out.dtype == dtype
     assert bool(torch.isfinite(out).all()), "an output element was not written (NaN from the poisoned allocator)"
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), f"relative error {err:.2e} vs fp32"
-    assert torch.equal(outs[0], outs[1]), "two runs differ"
     assert bool((out[(ids < 0).all(1)] == 0).all()), "a row without a local slot is not zero"
     if "gluon" in (gate_up_kernel, down_kernel[0]):
         tma_out = TritonExperts(_as_tma(config)).apply(x, ids, weights, w13, w2)
@@ -183,17 +193,9 @@ def test_fp8_triton_experts_against_the_torch_reference(name):
         pytest.skip("FP8 tensor cores: Hopper")
     M, E, routing = FP8_CASES[name]
     torch.backends.cuda.matmul.allow_tf32 = False
-    gen = torch.Generator("cuda").manual_seed(sum(map(ord, name)))
-    x = torch.randn(M, H, device="cuda", dtype=BF16, generator=gen)
-    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=BF16, generator=gen) * H**-0.5
-    w2 = torch.randn(E, H, I, device="cuda", dtype=BF16, generator=gen) * I**-0.5
-    ids, weights = _routing(M, E, routing, gen)
+    x, w13, w2, ids, weights = _inputs(name, M, E, H, I, BF16, routing)
     (w13_q, w13_s), (w2_q, w2_s) = quantize_rows(w13), quantize_rows(w2)
-    outs = []
-    for _ in range(2):
-        _poison_allocator()
-        outs.append(TritonExperts().apply(x, ids, weights, w13_q, w2_q, w13_s, w2_s))
-    out = outs[0]
+    out = _twice_on_poison(lambda: TritonExperts().apply(x, ids, weights, w13_q, w2_q, w13_s, w2_s))
     ref = TorchExperts().apply(x, ids, weights, w13_q, w2_q, w13_s, w2_s).float()
     exact = TorchExperts().apply(x.float(), ids, weights, w13.float(), w2.float())
     err = ((out.float() - ref).norm() / ref.norm()).item()
@@ -203,7 +205,6 @@ def test_fp8_triton_experts_against_the_torch_reference(name):
     assert bool(torch.isfinite(out).all()), "an output element was not written (NaN from the poisoned allocator)"
     assert err < 3e-2, f"relative error {err:.2e} vs the torch FP8 reference"
     assert 1e-3 < fp8_err < 0.08, f"FP8 output {fp8_err:.2e} from the exact one"
-    assert torch.equal(outs[0], outs[1]), "two runs differ"
     assert bool((out[(ids < 0).all(1)] == 0).all()), "a row without a local slot is not zero"
 
 
