@@ -110,6 +110,23 @@ def test_to_checks_before_it_casts(pipe):
     assert pipe.dtype == torch.float32
 
 
+def test_fp8_pipeline_casts_around_its_experts_and_is_not_saved(tiny_checkpoint, tmp_path):
+    """quantization "fp8": to(dtype) casts the rest and leaves the FP8 experts and their fp32 scales; saving is
+    refused before any file is written."""
+    from omni_ep.layers.fused_moe.fp8 import FP8_DTYPE
+
+    pipe = HunyuanImage3Pipeline.from_pretrained(tiny_checkpoint, quantization="fp8")
+    pipe.set_progress_bar_config(disable=True)
+    experts = pipe.transformer.model.layers[0].mlp.experts
+    pipe.to(torch.bfloat16)
+    assert pipe.dtype == torch.bfloat16 and experts.params_dtype == torch.bfloat16
+    assert experts.w13_weight.dtype == FP8_DTYPE and experts.w13_weight_scale.dtype == torch.float32
+    assert latents_of(pipe, "a cat", seed=7).isfinite().all()
+    with pytest.raises(ValueError, match="cannot be written back"):
+        pipe.save_pretrained(tmp_path / "fp8")
+    assert not (tmp_path / "fp8").exists()
+
+
 def test_save_pretrained_writes_the_stored_dtype_and_refuses_what_it_cannot_do(pipe, tmp_path):
     for kwargs, error in [(dict(safe_serialization=False), ValueError), (dict(push_to_hub=True), NotImplementedError),
                           (dict(variant="fp16"), ValueError), (dict(max_shard_size="big"), ValueError),

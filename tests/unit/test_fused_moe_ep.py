@@ -221,6 +221,14 @@ def test_tensor_parallel_experts_match_single_process():
     assert max(max(e) for e in errs) <= RTOL
 
 
+def test_fp8_weights_and_scales_are_checked_before_any_rank_dependent_return():
+    """A rank with no local rows must refuse FP8 weights without their scales as the others do (else it would go on
+    into the combine alone)."""
+    q13, q2 = quantize_rows(torch.randn(2, 2 * I, H))[0], quantize_rows(torch.randn(2, H, I))[0]
+    with pytest.raises(ValueError, match="both scales"):
+        TorchExperts().apply(torch.randn(3, H), torch.full((3, 2), -1), torch.rand(3, 2), q13, q2)
+
+
 def test_single_process_layer_equals_dense_per_token_loop():
     """The reference itself, against the formula written out per token and expert (no sorting)."""
     init_parallel_state(ParallelConfig())

@@ -160,6 +160,7 @@ def test_fp8_load_quantizes_each_expert_row_and_keeps_the_rest(single):
     assert fp8.load_stats.bytes_read == single.load_stats.bytes_read
     experts, exact = fp8.model.layers[1].mlp.experts, single.model.layers[1].mlp.experts
     assert experts.w13_weight.dtype == experts.w2_weight.dtype == FP8_DTYPE
+    assert experts._experts is not None  # chosen at load: a device without FP8 experts fails there
     for name in ("w13", "w2"):
         q, scale = quantize_rows(getattr(exact, f"{name}_weight"))
         assert torch.equal(getattr(experts, f"{name}_weight").view(torch.uint8), q.view(torch.uint8))

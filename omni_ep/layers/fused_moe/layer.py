@@ -123,6 +123,14 @@ class FusedMoE(nn.Module):
             self._experts = self._select_experts_backend(self.w13_weight.device, self.params_dtype)
         return self._experts
 
+    def set_params_dtype(self, dtype: torch.dtype) -> None:
+        """The activations' dtype becomes dtype: unquantized expert weights are cast to it (FP8 weights and their
+        scales stay as they are), and the local-experts implementation is chosen again on next use."""
+        if self.quantization is None:
+            for param in (self.w13_weight, self.w2_weight):
+                param.data = param.data.to(dtype)
+        self.params_dtype, self._experts = dtype, None
+
     def set_experts_backend(self, name: str | None) -> None:
         """Pin the local-experts implementation (None: the platform's preference, chosen on next use)."""
         self._requested_experts_backend, self._experts = name, None

@@ -17,11 +17,11 @@ from omni_ep.layers.fused_moe import FusedMoE
 from omni_ep.models.hunyuan_image3.loading import INDEX_NAME
 
 
-def checkpoint_tensors(transformer: nn.Module, vae_decoder: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Checkpoint name -> tensor for every weight (experts unfused into the released names)."""
-    tensors = {}
-    experts = {name: m for name, m in transformer.named_modules() if isinstance(m, FusedMoE)}
-    for name, module in experts.items():
+def check_savable(transformer: nn.Module) -> None:
+    """Raise unless every expert is whole in this process and unquantized (the released layout holds bf16 experts)."""
+    for name, module in transformer.named_modules():
+        if not isinstance(module, FusedMoE):
+            continue
         if module.local_num_experts != module.num_experts or module.tp_size > 1:
             raise ValueError(
                 "save_pretrained needs every expert whole in one process; this one holds "
@@ -30,6 +30,14 @@ def checkpoint_tensors(transformer: nn.Module, vae_decoder: nn.Module | None = N
         if module.quantization is not None:
             raise ValueError(f"{name}: experts quantized to {module.quantization} cannot be written back as the "
                              "released weights; save from a model loaded without quantization")
+
+
+def checkpoint_tensors(transformer: nn.Module, vae_decoder: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Checkpoint name -> tensor for every weight (experts unfused into the released names)."""
+    check_savable(transformer)
+    tensors = {}
+    experts = {name: m for name, m in transformer.named_modules() if isinstance(m, FusedMoE)}
+    for name, module in experts.items():
         I = module.intermediate_size
         for local, expert_id in enumerate(module.local_expert_ids):
             gate, up = module.w13_weight[local].split(I)

@@ -70,10 +70,11 @@ from omni_ep.distributed import (
 )
 from omni_ep.distributed.sequence_shards import sequence_shard_len
 from omni_ep.forward_context import set_forward_context
+from omni_ep.layers.fused_moe import FusedMoE
 from omni_ep.layers.fused_moe.fp8 import check_quantization
 from omni_ep.models.hunyuan_image3 import HunyuanImage3KVCache, load_transformer, load_vae_decoder
 from omni_ep.models.hunyuan_image3.moe import HunyuanImage3Router
-from omni_ep.models.hunyuan_image3.saving import save_checkpoint
+from omni_ep.models.hunyuan_image3.saving import check_savable, save_checkpoint
 from omni_ep.models.hunyuan_image3.tokenization import TextToImageInputs, build_text_to_image_inputs
 from omni_ep.models.hunyuan_image3.vae import decode_latents
 from omni_ep.pipelines.cuda_graph import CachedStepGraph
@@ -209,6 +210,7 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         max_shard_bytes = parse_size(max_shard_size)
         if get_world_group().world_size != 1:
             raise ValueError("save_pretrained needs the whole model in one process; load it without parallelism")
+        check_savable(self.transformer)  # before any file is written
         os.makedirs(save_directory, exist_ok=True)
         self.transformer.config.to_json_file(os.path.join(save_directory, "config.json"))
         with open(os.path.join(save_directory, "generation_config.json"), "w") as f:
@@ -246,11 +248,15 @@ class HunyuanImage3Pipeline(DiffusionPipeline):
         if dtype is not None and dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES.values()))}, got {dtype}")
         if dtype is not None and dtype != self.dtype:
-            router = {id(p) for m in self.transformer.modules() if isinstance(m, HunyuanImage3Router)
-                      for p in m.parameters()}
+            experts = [m for m in self.transformer.modules() if isinstance(m, FusedMoE)]
+            kept = {id(p) for m in self.transformer.modules() if isinstance(m, HunyuanImage3Router)
+                    for p in m.parameters()}  # the fp32 router
+            kept |= {id(p) for m in experts for p in m.parameters()}  # their own rule (FP8 weights stay FP8)
             for param in self.transformer.parameters():
-                if id(param) not in router and param.is_floating_point():
+                if id(param) not in kept and param.is_floating_point():
                     param.data = param.data.to(dtype)
+            for m in experts:
+                m.set_params_dtype(dtype)
             vae_dtype = vae_dtype_for(self.device, dtype)
             self.vae.to(vae_dtype)
             logger.info("weights in %s, VAE decoder in %s", dtype, vae_dtype)

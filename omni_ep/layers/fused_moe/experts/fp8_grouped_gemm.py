@@ -19,10 +19,12 @@ import torch
 BLOCK_M = 16  # each expert's rows padded to a multiple of this: the grouped GEMM's groups start 16-row aligned
 
 
-def runs_here(x: torch.Tensor) -> bool:
-    """Whether torch's FP8 grouped GEMM runs for activations x: a Hopper GPU and a torch that has it."""
-    return (x.is_cuda and hasattr(torch, "_scaled_grouped_mm")
-            and torch.cuda.get_device_capability(x.device) == (9, 0))
+def runs_here(x_MH: torch.Tensor, intermediate_size: int) -> bool:
+    """Whether torch's FP8 grouped GEMM runs for activations x [M, H] and experts of width I: a Hopper GPU, a torch
+    that has it, bf16 out (all it writes), and rows of H and I bytes that are multiples of 16."""
+    return (x_MH.is_cuda and hasattr(torch, "_scaled_grouped_mm") and x_MH.dtype == torch.bfloat16
+            and x_MH.shape[1] % 16 == 0 and intermediate_size % 16 == 0
+            and torch.cuda.get_device_capability(x_MH.device) == (9, 0))
 
 
 def fp8_grouped_experts(x_MH, topk_ids_MK, topk_weights_MK, w13_E2IH, w2_EHI, w13_scale_E2I, w2_scale_EH):

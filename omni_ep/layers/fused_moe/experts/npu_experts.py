@@ -38,7 +38,9 @@ class NpuExperts(LocalExperts):
             return f"npu_grouped_matmul takes float16 or bfloat16, not {dtype}"
         return None
 
-    def apply(self, hidden_states, topk_ids, topk_weights, w13, w2):
+    def apply(self, hidden_states, topk_ids, topk_weights, w13, w2, w13_scale=None, w2_scale=None):
+        if w13_scale is not None or w2_scale is not None:
+            raise ValueError(self.fp8_unsupported_reason(hidden_states.device))
         M, K = topk_ids.shape
         E, I = w13.shape[0], w2.shape[2]
         ids_P = topk_ids.reshape(-1).long()

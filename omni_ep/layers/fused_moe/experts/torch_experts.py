@@ -58,10 +58,13 @@ class TorchExperts(LocalExperts):
 
     @classmethod
     def fp8_unsupported_reason(cls, device):
-        return None  # products of e4m3 values summed in fp32: any device (a reference, not fast)
+        if torch.device(device).type == "cuda":  # the reference dequantizes every expert to fp32 on each call
+            return "the torch experts' FP8 path is a CPU reference; on GPUs FP8 runs in the triton experts"
+        return None
 
     def apply(self, hidden_states, topk_ids, topk_weights, w13, w2, w13_scale=None, w2_scale=None):
         x_MH = hidden_states
+        fp8 = check_fp8_weights("TorchExperts", w13, w2, w13_scale, w2_scale)  # before any rank-dependent return
         M, K = topk_ids.shape
         E, I = w13.shape[0], w2.shape[2]
         ids_P = topk_ids.reshape(-1).long()
@@ -75,7 +78,7 @@ class TorchExperts(LocalExperts):
             return out_MH.to(x_MH.dtype)
         order_P = order_P[:num_pairs]
         token_P = order_P // K
-        if check_fp8_weights("TorchExperts", w13, w2, w13_scale, w2_scale):
+        if fp8:
             gate, up = scaled_grouped_linear(x_MH[token_P], w13, w13_scale, counts).split(I, dim=-1)
             h_PI = (gate * torch.sigmoid(gate) * up).to(x_MH.dtype)  # as the Triton gate_up stores it
             y_PH = scaled_grouped_linear(h_PI, w2, w2_scale, counts)

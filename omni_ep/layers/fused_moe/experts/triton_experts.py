@@ -107,7 +107,7 @@ class TritonExperts(LocalExperts):
                 f"TritonExperts: weights ({w13.dtype}, {w2.dtype}) must have the activations' dtype {x_MH.dtype}."
             )
         x_MH, w13, w2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_MH, w13, w2))
-        if fp8 and fp8_grouped_gemm.runs_here(x_MH):
+        if fp8 and fp8_grouped_gemm.runs_here(x_MH, I):
             return fp8_grouped_gemm.fp8_grouped_experts(x_MH, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale)
         config = self.config_for(x_MH, E, I)
         if fp8:
