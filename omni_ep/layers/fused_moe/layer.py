@@ -95,9 +95,10 @@ class FusedMoE(nn.Module):
         dtype = FP8_DTYPE if quantization == "fp8" else self.params_dtype
         self.w13_weight = nn.Parameter(torch.empty(E_local, 2 * I_tp, hidden_size, dtype=dtype), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(E_local, hidden_size, I_tp, dtype=dtype), requires_grad=False)
-        if quantization == "fp8":  # one scale per weight row (output channel), set by weight_loader
-            self.w13_weight_scale = nn.Parameter(torch.ones(E_local, 2 * I_tp, dtype=torch.float32), requires_grad=False)
-            self.w2_weight_scale = nn.Parameter(torch.ones(E_local, hidden_size, dtype=torch.float32), requires_grad=False)
+        if quantization == "fp8":  # one fp32 scale per weight row (output channel), set by weight_loader
+            scales = dict(dtype=torch.float32)
+            self.w13_weight_scale = nn.Parameter(torch.ones(E_local, 2 * I_tp, **scales), requires_grad=False)
+            self.w2_weight_scale = nn.Parameter(torch.ones(E_local, hidden_size, **scales), requires_grad=False)
         else:
             self.w13_weight_scale = self.w2_weight_scale = None
         for param in (self.w13_weight, self.w2_weight):

@@ -451,9 +451,11 @@ def load_transformer(
         model.load_stats = load_weights(model, checkpoint)
     finally:
         checkpoint.close()
-    for module in model.modules():  # each MoE layer's experts chosen now: a device or dtype (or FP8) that none
-        if isinstance(module, FusedMoE):  # takes fails here, on every rank, before any collective
-            module.experts
+    # Each MoE layer's experts are chosen now: a device or dtype (or FP8) that none takes fails here, on every rank,
+    # before any collective.
+    for module in model.modules():
+        if isinstance(module, FusedMoE):
+            module.experts  # noqa: B018 (the property chooses them)
     if device.type == "cuda":
         model.adapters_channels_last()
     return model.eval()
