@@ -28,7 +28,6 @@ from torch import nn
 from omni_ep.config import ParallelConfig
 from omni_ep.distributed import get_parallel_config, get_parallel_state, init_parallel_state, is_parallel_state_initialized
 from omni_ep.layers.fused_moe import FusedMoE
-from omni_ep.layers.fused_moe.fp8 import check_quantization
 from omni_ep.models.hunyuan_image3.configuration import HunyuanImage3Config
 from omni_ep.models.hunyuan_image3.transformer import SKIPPED_PREFIXES, HunyuanImage3Transformer2DModel
 from omni_ep.models.hunyuan_image3.vae import HunyuanVAEDecoder
@@ -436,7 +435,6 @@ def load_transformer(
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
-    check_quantization(quantization)
     if not is_parallel_state_initialized():
         init_parallel_state(ParallelConfig())
     check_supported_layout()

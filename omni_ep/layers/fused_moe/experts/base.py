@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from omni_ep.layers.fused_moe.fp8 import FP8_DTYPE
+
 
 class LocalExperts(ABC):
     """Runs this rank's experts on the tokens dispatch delivered.
@@ -56,8 +58,6 @@ class LocalExperts(ABC):
 def check_fp8_weights(where: str, w13, w2, w13_scale, w2_scale) -> bool:
     """Whether the weights are FP8 (e4m3fn, with their scales [E, 2I] and [E, H]); raise when the weights and
     scales do not go together."""
-    from omni_ep.layers.fused_moe.fp8 import FP8_DTYPE
-
     fp8 = w13.dtype == FP8_DTYPE
     if fp8 != (w2.dtype == FP8_DTYPE) or fp8 != (w13_scale is not None) or fp8 != (w2_scale is not None):
         raise ValueError(
